@@ -1,0 +1,2 @@
+"""distreg: distributed training with distributed-aware regularization hooks."""
+__version__ = "0.1.0"

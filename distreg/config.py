@@ -1,0 +1,231 @@
+"""Typed, validated run configuration.
+
+A run is described by one YAML file plus `--set key.path=value` overrides. Everything
+is validated (unknown keys, wrong types, inconsistent batch arithmetic) in the driver,
+before any worker starts, and every error names the offending key and the file.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and the file."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    kind: Literal["llama", "torchvision"] = "llama"
+    preset: str | None = "llama-tiny"
+    # Llama dimensions; a preset fills the ones left unset.
+    vocab_size: int | None = None
+    dim: int | None = None
+    n_layers: int | None = None
+    n_heads: int | None = None
+    n_kv_heads: int | None = None
+    ffn_dim: int | None = None
+    max_seq_len: int | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    # torchvision
+    arch: str = "resnet50"
+    num_classes: int = 1000
+
+
+class DataConfig(_Strict):
+    kind: Literal["tokens"] = "tokens"
+    path: str = "data/quickstart_tokens"
+    seq_len: int = Field(64, gt=0)
+    shuffle: bool = True
+
+
+class MixedPrecisionConfig(_Strict):
+    param_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+
+class StrategyConfig(_Strict):
+    name: Literal["ddp", "fsdp2", "deepspeed"] = "fsdp2"
+    zero_stage: Literal[1, 2, 3] = 3
+    mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()
+    activation_checkpointing: bool = False
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class OptimConfig(_Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    momentum: float = 0.0
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "cosine"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+
+
+class TrainConfig(_Strict):
+    max_steps: int = Field(100, gt=0)
+    seed: int = 0
+    global_batch_size: int = Field(16, gt=0)  # samples per optimizer step, all ranks together
+    grad_accum_steps: int = Field(1, gt=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    loss_reduction: Literal["token", "sample"] = "token"
+    log_every: int = Field(10, gt=0)
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    resources_per_worker: dict[str, float] = {}
+    max_failures: int = Field(0, ge=-1)
+
+
+class CheckpointConfig(_Strict):
+    dir: str | None = None  # default: <run_dir>/checkpoints
+    every: int = Field(0, ge=0)  # 0: only at the end
+    keep_last: int = Field(2, gt=0)
+
+
+class TrackingConfig(_Strict):
+    uri: str | None = None  # default: $MLFLOW_TRACKING_URI, else sqlite under run_dir
+    experiment: str = "distreg"
+    run_name: str | None = None
+
+
+class HookSpec(BaseModel):
+    """`{name: ..., **params}`: the params are checked by the hook's own schema."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+
+
+class RunConfig(_Strict):
+    run_dir: str = "runs/default"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    hooks: list[HookSpec] = []
+
+    @model_validator(mode="after")
+    def _batch_arithmetic(self) -> "RunConfig":
+        per_step = self.scaling.num_workers * self.train.grad_accum_steps
+        if self.train.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
+                f"scaling.num_workers * train.grad_accum_steps = {per_step}"
+            )
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Samples per rank per micro-batch."""
+        return self.train.global_batch_size // (self.scaling.num_workers * self.train.grad_accum_steps)
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint.dir or os.path.join(self.run_dir, "checkpoints")
+
+    def flat(self) -> dict[str, Any]:
+        """The config as `a.b.c -> value` pairs (MLflow params)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            elif isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
+                for i, v in enumerate(value):
+                    walk(f"{prefix}.{i}", v)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _set_path(raw: dict, dotted: str, value: Any, source: str) -> None:
+    keys = dotted.split(".")
+    node: Any = raw
+    for i, key in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            if not key.isdigit() or int(key) >= len(node):
+                raise ConfigError(f"{source}: --set {dotted}: no list item {key!r} at {'.'.join(keys[: i + 1])}")
+            node = node[int(key)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"{source}: --set {dotted}: {'.'.join(keys[: i + 1])} is not a section")
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(overrides: list[str] | None) -> list[tuple[str, Any]]:
+    pairs = []
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key.path=value")
+        key, text = item.split("=", 1)
+        pairs.append((key.strip(), yaml.safe_load(text) if text != "" else None))
+    return pairs
+
+
+def _format_error(err: ValidationError, source: str) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key '{loc}'")
+        else:
+            lines.append(f"{source}: key '{loc}': {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load YAML (or defaults when `path` is None), apply `--set` overrides, validate."""
+    source = str(path) if path else "<defaults>"
+    raw: dict = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{source}: top level must be a mapping")
+    for key, value in parse_overrides(overrides):
+        _set_path(raw, key, value, source)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e, source)) from None
+    # Hook names and parameters are checked by their registry (imported lazily:
+    # hooks import torch-heavy code the config layer should not need).
+    from distreg.hooks.registry import validate_hook_specs
+
+    validate_hook_specs(cfg.hooks, source)
+    return cfg

@@ -1,0 +1,190 @@
+"""Token shards on any fsspec filesystem, packed into fixed windows, resumable.
+
+On-disk format of a token dataset directory (local path or fsspec URL):
+  index.json           {"format": "distreg-tokens/1", "dtype": "uint16"|"uint32",
+                        "vocab_size": V, "shards": [{"file": ..., "num_tokens": N}, ...]}
+  shard_00000.bin ...  the shard's tokens as little-endian integers of `dtype`.
+
+Samples are windows of `seq_len + 1` consecutive tokens (input = window[:-1],
+target = window[1:]); windows never straddle shards. Sample `i` has a stable global
+index (its window number over the concatenated shards), which per-sample hooks key on.
+
+The data position is world-size independent: (epoch, samples of the epoch already
+consumed). Each optimizer step consumes the next `global_batch_size` entries of the
+epoch's permutation, and each rank takes a fixed slice of them, so a run restarted on
+a different number of ranks continues the same sample sequence.
+"""
+from __future__ import annotations
+
+import json
+import posixpath
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+import numpy as np
+import torch
+
+FORMAT = "distreg-tokens/1"
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
+
+
+class DataError(RuntimeError):
+    """Bad or missing data; the message names the path or shard."""
+
+
+def dtype_for_vocab(vocab_size: int) -> str:
+    return "uint16" if vocab_size <= 2**16 else "uint32"
+
+
+def write_token_shards(url: str, token_arrays: list[np.ndarray], vocab_size: int) -> None:
+    """Write one shard per array plus `index.json` (written last, so a half-written
+    dataset has no index and is refused rather than read short)."""
+    fs, root = fsspec.core.url_to_fs(url)
+    fs.makedirs(root, exist_ok=True)
+    dtype = dtype_for_vocab(vocab_size)
+    shards = []
+    for i, arr in enumerate(token_arrays):
+        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
+            raise ValueError(f"shard {i}: token ids outside [0, {vocab_size})")
+        name = f"shard_{i:05d}.bin"
+        with fs.open(posixpath.join(root, name), "wb") as f:
+            f.write(np.asarray(arr, dtype=_DTYPES[dtype]).tobytes())
+        shards.append({"file": name, "num_tokens": int(arr.size)})
+    index = {"format": FORMAT, "dtype": dtype, "vocab_size": vocab_size, "shards": shards}
+    with fs.open(posixpath.join(root, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+
+
+def synth_tokens(url: str, num_tokens: int = 200_000, vocab_size: int = 256, num_shards: int = 4, seed: int = 0) -> None:
+    """A small *learnable* corpus: a noisy order-2 Markov chain over `vocab_size` symbols
+    (each next token is a fixed function of the previous two with probability 0.9), so
+    loss falls well below log(vocab) within a few hundred steps."""
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, vocab_size, size=(vocab_size, vocab_size))
+    toks = np.empty(num_tokens, dtype=np.int64)
+    toks[:2] = rng.integers(0, vocab_size, 2)
+    noise = rng.random(num_tokens) < 0.1
+    rand = rng.integers(0, vocab_size, num_tokens)
+    for i in range(2, num_tokens):
+        toks[i] = rand[i] if noise[i] else table[toks[i - 2], toks[i - 1]]
+    write_token_shards(url, np.array_split(toks, num_shards), vocab_size)
+
+
+@dataclass
+class _Shard:
+    path: str
+    num_tokens: int
+    first_sample: int
+    num_samples: int
+
+
+class TokenDataset:
+    """Random access to the windows of a token dataset, through fsspec."""
+
+    def __init__(self, url: str, seq_len: int):
+        self.url, self.seq_len = url, seq_len
+        self.fs, self.root = fsspec.core.url_to_fs(url)
+        index_path = posixpath.join(self.root, "index.json")
+        if not self.fs.exists(index_path):
+            raise DataError(f"data.path: no token dataset at {url!r} (missing {index_path}); "
+                            f"create one with `distreg data synth-tokens {url}`")
+        index = json.loads(self.fs.cat_file(index_path))
+        if index.get("format") != FORMAT or index.get("dtype") not in _DTYPES:
+            raise DataError(f"{index_path}: not a {FORMAT} index (format={index.get('format')!r}, dtype={index.get('dtype')!r})")
+        self.dtype = _DTYPES[index["dtype"]]
+        self.vocab_size = int(index["vocab_size"])
+        self.shards: list[_Shard] = []
+        first = 0
+        for entry in index["shards"]:
+            path = posixpath.join(self.root, entry["file"])
+            expected = entry["num_tokens"] * self.dtype.itemsize
+            actual = self.fs.size(path) if self.fs.exists(path) else None
+            if actual != expected:
+                raise DataError(f"shard {path}: index.json says {entry['num_tokens']} tokens ({expected} bytes) "
+                                f"but the file has {actual if actual is not None else 'no'} bytes (truncated or missing)")
+            n = max(0, (entry["num_tokens"] - 1) // seq_len)
+            self.shards.append(_Shard(path, entry["num_tokens"], first, n))
+            first += n
+        self.num_samples = first
+        if self.num_samples == 0:
+            raise DataError(f"data.path: {url!r} holds no window of seq_len+1={seq_len + 1} tokens")
+        self._starts = np.array([s.first_sample for s in self.shards])
+        self._cache: dict[str, np.ndarray] = {}
+
+    def _tokens(self, shard: _Shard) -> np.ndarray:
+        # Local files are memory-mapped (no copy); remote shards are fetched once.
+        arr = self._cache.get(shard.path)
+        if arr is None:
+            if isinstance(self.fs, LocalFileSystem):
+                arr = np.memmap(shard.path, dtype=self.dtype, mode="r")
+            else:
+                arr = np.frombuffer(self.fs.cat_file(shard.path), dtype=self.dtype)
+            self._cache[shard.path] = arr
+        return arr
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def window(self, index: int) -> np.ndarray:
+        s = self.shards[int(np.searchsorted(self._starts, index, side="right")) - 1]
+        start = (index - s.first_sample) * self.seq_len
+        return self._tokens(s)[start : start + self.seq_len + 1]
+
+    def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        windows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
+        w = torch.from_numpy(windows)
+        return {"input": w[:, :-1], "target": w[:, 1:], "index": indices.clone()}
+
+
+class TokenBatches:
+    """Deterministic, world-size-independent stream of a rank's micro-batches.
+
+    `next_step()` returns this rank's `grad_accum_steps` micro-batches of the next
+    optimizer step. The global batch of step s is entries [s*G, (s+1)*G) of the epoch's
+    permutation (G = global batch size); micro-batch m of rank r takes the slice
+    [m*W*b + r*b, m*W*b + (r+1)*b) of it (b = per-rank micro-batch size).
+    """
+
+    def __init__(self, dataset: TokenDataset, global_batch: int, grad_accum: int, rank: int, world_size: int,
+                 seed: int, shuffle: bool = True):
+        if global_batch > len(dataset):
+            raise DataError(f"train.global_batch_size={global_batch} exceeds the {len(dataset)} samples in {dataset.url}")
+        self.ds, self.global_batch, self.grad_accum = dataset, global_batch, grad_accum
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+        self.micro = global_batch // (grad_accum * world_size)
+        self.epoch, self.consumed = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    def _permutation(self) -> torch.Tensor:
+        if self._perm_epoch != self.epoch:
+            n = len(self.ds)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+                self._perm = torch.randperm(n, generator=g)
+            else:
+                self._perm = torch.arange(n)
+            self._perm_epoch = self.epoch
+        return self._perm
+
+    def next_step(self) -> list[dict[str, torch.Tensor]]:
+        # An epoch ends when fewer than a full global batch remains (the tail is dropped,
+        # identically for every world size).
+        if self.consumed + self.global_batch > len(self.ds):
+            self.epoch, self.consumed = self.epoch + 1, 0
+        step_indices = self._permutation()[self.consumed : self.consumed + self.global_batch]
+        self.consumed += self.global_batch
+        out = []
+        for m in range(self.grad_accum):
+            lo = m * self.world_size * self.micro + self.rank * self.micro
+            out.append(self.ds.batch(step_indices[lo : lo + self.micro]))
+        return out
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["num_samples"] != len(self.ds):
+            raise DataError(f"checkpoint data position is for {state['num_samples']} samples but "
+                            f"{self.ds.url} has {len(self.ds)} (different data or data.seq_len)")
+        self.epoch, self.consumed = state["epoch"], state["consumed"]

@@ -1,0 +1,131 @@
+"""The Hook protocol and the context (`ctx`) that hides the strategy from hooks.
+
+Order inside one optimizer step (every hook that touches gradients relies on it):
+  forward -> `loss` hooks (sample weights, penalties) -> backward + gradient reduction
+  -> `after_backward` hooks (once per optimizer step, on already-reduced gradients)
+  -> clipping -> optimizer step -> `after_step` hooks (re-masking, proximal steps,
+  store writes, schedules) -> metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from distreg.runtime.comm import Comm
+
+
+@dataclass
+class ParamShard:
+    """This rank's piece of one parameter, with its global identity.
+
+    The local elements are the contiguous range [flat_start, flat_start + numel) of the
+    flattened full parameter (row-major). DDP and ZeRO-1/2 hold the whole tensor on
+    every rank (`replicated=True`); FSDP2 holds a `Shard(0)` row slice and ZeRO-3 a flat
+    partition, both rank-ordered (rank r's range precedes rank r+1's).
+    """
+
+    name: str
+    full_shape: torch.Size
+    flat_start: int
+    numel: int
+    replicated: bool
+    _read: Callable[[], torch.Tensor]
+    _write: Callable[[torch.Tensor], None]
+    _grad: Callable[[], torch.Tensor | None]
+
+    def data(self) -> torch.Tensor:
+        """The local elements (1-D, length `numel`) of the copy the optimizer updates."""
+        return self._read()
+
+    def write(self, values: torch.Tensor) -> None:
+        """Overwrite the local elements, in the optimizer's copy and the forward copy."""
+        if values.numel() != self.numel:
+            raise ValueError(f"{self.name}: write of {values.numel()} values into a shard of {self.numel}")
+        self._write(values.reshape(-1))
+
+    def grad(self) -> torch.Tensor | None:
+        """The local elements of the reduced (rank-averaged) gradient, or None."""
+        return self._grad()
+
+
+@dataclass
+class LossTerms:
+    """What `loss` hooks receive and return for one micro-batch of this rank.
+
+    `per_sample` holds each sample's loss (differentiable); `weight` each sample's
+    reduction weight, normalised so the weights of the whole optimizer step (all ranks,
+    all micro-batches) sum to 1 - a reweighting hook rescales these; `penalties` are
+    terms added once per optimizer step, in units of the global mean loss.
+    """
+
+    per_sample: torch.Tensor
+    weight: torch.Tensor
+    index: torch.Tensor
+    penalties: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class HookContext:
+    comm: Comm
+    strategy: str
+    model: nn.Module
+    step: int = 0  # optimizer steps completed so far
+    micro_step: int = 0  # index of the micro-batch inside the current step
+    grad_accum_steps: int = 1
+    shards_fn: Callable[[], list[ParamShard]] | None = None
+    sharded: bool = False  # whether parameters are split across ranks
+
+    @property
+    def rank(self) -> int:
+        return self.comm.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.comm.world_size
+
+    def local_shards(self) -> list[ParamShard]:
+        """This rank's shard of every trainable parameter, in model order."""
+        if self.shards_fn is None:
+            raise RuntimeError("local_shards() is only available after the model is sharded (on_train_start onward)")
+        return self.shards_fn()
+
+    def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Complete a sum of per-shard partial results: all-reduce when parameters are
+        sharded, nothing when every rank already holds whole tensors."""
+        return self.comm.all_reduce(tensor) if self.sharded else tensor
+
+
+class Hook:
+    """Base class: override the events you need. Parameters come from `Params`."""
+
+    name: str = ""
+    replaces_loss: bool = False  # two hooks that replace the loss cannot be combined
+
+    class Params(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, params: "Hook.Params"):
+        self.params = params
+
+    def prepare_model(self, model: nn.Module, ctx: HookContext) -> None: ...
+
+    def on_train_start(self, ctx: HookContext) -> None: ...
+
+    def loss(self, ctx: HookContext, out: Any, batch: dict, terms: LossTerms) -> LossTerms:
+        return terms
+
+    def after_backward(self, ctx: HookContext) -> None: ...
+
+    def after_step(self, ctx: HookContext) -> None: ...
+
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None: ...

@@ -1,0 +1,43 @@
+"""`param_norm`: the global L2 norm of all trainable parameters, from local shards.
+
+Reads the copy the optimizer updates (DDP: the parameter; FSDP2: the local DTensor
+shard; ZeRO-3: the fp32 master partition via `safe_get_local_fp32_param`). Each rank
+sums the squares of its own elements; one scalar all-reduce completes the sum when the
+parameters are sharded. Nothing is gathered.
+"""
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+
+from distreg.hooks.base import Hook, HookContext
+from distreg.hooks.registry import register
+
+
+@register
+class ParamNorm(Hook):
+    name = "param_norm"
+
+    class Params(Hook.Params):
+        every: int = Field(1, gt=0)
+
+    def __init__(self, params: "ParamNorm.Params"):
+        super().__init__(params)
+        self.value: float | None = None
+
+    @staticmethod
+    def compute(ctx: HookContext) -> float:
+        sq = torch.zeros((), dtype=torch.float64)
+        for shard in ctx.local_shards():
+            sq += shard.data().double().pow(2).sum()
+        return float(ctx.sum_over_shards(sq).sqrt())
+
+    def on_train_start(self, ctx: HookContext) -> None:
+        self.value = self.compute(ctx)
+
+    def after_step(self, ctx: HookContext) -> None:
+        if ctx.step % self.params.every == 0:
+            self.value = self.compute(ctx)
+
+    def metrics(self) -> dict[str, float]:
+        return {"hooks/param_norm": self.value} if self.value is not None else {}

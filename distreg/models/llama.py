@@ -1,0 +1,170 @@
+"""A Llama-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention.
+
+Kept deliberately plain (one file, no fused kernels) so that every strategy (DDP,
+FSDP2 per block, ZeRO-3) shards the same modules; `model.layers` is the list of
+transformer blocks FSDP2 wraps one by one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class LlamaArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    max_seq_len: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def num_params(self) -> int:
+        head_dim = self.dim // self.n_heads
+        attn = self.dim * head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
+        ffn = 3 * self.dim * self.ffn_dim
+        block = attn + ffn + 2 * self.dim
+        return self.n_layers * block + 2 * self.vocab_size * self.dim + self.dim
+
+
+PRESETS: dict[str, dict] = {
+    # Small enough for CPU tests: ~0.2M parameters.
+    "llama-tiny": dict(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=256),
+    "llama-small": dict(vocab_size=32000, dim=512, n_layers=8, n_heads=8, n_kv_heads=8, ffn_dim=1408, max_seq_len=1024),
+    # Llama-2-7B (Touvron et al. 2023): 6.74B parameters.
+    "llama2-7b": dict(vocab_size=32000, dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008, max_seq_len=4096),
+}
+
+
+def llama_args(preset: str | None, **overrides) -> LlamaArgs:
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"model.preset: unknown preset {preset!r}; known: {sorted(PRESETS)}")
+    values = dict(PRESETS[preset]) if preset else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [k for k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len") if k not in values]
+    if missing:
+        raise ValueError(f"model: no preset given and missing {', '.join('model.' + m for m in missing)}")
+    values.setdefault("n_kv_heads", values["n_heads"])
+    args = LlamaArgs(**values)
+    if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
+        raise ValueError("model.dim must be divisible by model.n_heads, and n_heads by n_kv_heads")
+    return args
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: [batch, seq, heads, head_dim]; rotate interleaved pairs (x0, x1) -> (x0 c - x1 s, x0 s + x1 c)
+    x0, x1 = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = a.n_heads, a.n_kv_heads, a.dim // a.n_heads
+        self.wq = nn.Linear(a.dim, a.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(a.dim, a.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(a.n_heads * self.head_dim, a.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, t, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.wk(x).view(b, t, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim)
+        q, k, v = (y.transpose(1, 2) for y in (q, k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.w1 = nn.Linear(a.dim, a.ffn_dim, bias=False)
+        self.w3 = nn.Linear(a.dim, a.ffn_dim, bias=False)
+        self.w2 = nn.Linear(a.ffn_dim, a.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, a: LlamaArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(a.dim, a.norm_eps)
+        self.attention = Attention(a)
+        self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
+        self.feed_forward = FeedForward(a)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        return x + self.feed_forward(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, args: LlamaArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.activation_checkpointing = False
+        # RoPE tables are recomputed, never checkpointed, and not parameters.
+        cos, sin = rope_tables(args.dim // args.n_heads, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, generator: torch.Generator | None = None) -> None:
+        """Deterministic init (normal(0, init_std) for matrices, ones for norms)."""
+        std = self.args.init_std
+        for name, p in self.named_parameters():
+            with torch.no_grad():
+                if p.ndim == 1:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, std, generator=generator)
+        cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta)
+        self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = tokens.shape[1]
+        if t > self.args.max_seq_len:
+            raise ValueError(f"sequence length {t} exceeds model.max_seq_len={self.args.max_seq_len}")
+        cos, sin = self.rope_cos[:t], self.rope_sin[:t]
+        x = self.tok_embeddings(tokens)
+        for block in self.layers:
+            if self.activation_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+            else:
+                x = block(x, cos, sin)
+        return self.output(self.norm(x))

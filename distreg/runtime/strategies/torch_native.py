@@ -1,0 +1,133 @@
+"""DDP and FSDP2: PyTorch-native strategies, checkpointed with torch.distributed.checkpoint."""
+from __future__ import annotations
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from distreg.hooks.base import ParamShard
+from distreg.models import transformer_blocks
+from distreg.runtime.optim import build_optimizer, build_scheduler
+from distreg.runtime.strategies.base import DTYPES, Strategy
+
+
+def _storage(path: str, write: bool):
+    """DCP storage for a local path or any fsspec URL."""
+    if "://" in path and not path.startswith("file://"):
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+
+        return FsspecWriter(path) if write else FsspecReader(path)
+    path = path.removeprefix("file://")
+    return dcp.FileSystemWriter(path) if write else dcp.FileSystemReader(path)
+
+
+class _TorchStrategy(Strategy):
+    def _build_optim(self) -> None:
+        self.optimizer = build_optimizer(self.module, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
+
+    def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
+        loss.backward()
+
+    def step(self) -> float:
+        clip = self.cfg.train.grad_clip or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], clip)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def save(self, path: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(path, True))
+
+    def load(self, path: str) -> None:
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, storage_reader=_storage(path, False))
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+class DDPStrategy(_TorchStrategy):
+    """Replicated parameters; gradients averaged by DDP (plain module on 1 rank)."""
+
+    name, sharded = "ddp", False
+
+    def setup(self, model: nn.Module) -> None:
+        self.module = model.to(self.device)
+        if self.comm.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(self.module, device_ids=[self.device] if self.device.type == "cuda" else None)
+        else:
+            self.model = self.module
+        self._build_optim()
+
+    def accumulation_context(self, last_micro: bool):
+        if not last_micro and hasattr(self.model, "no_sync"):
+            return self.model.no_sync()
+        return super().accumulation_context(last_micro)
+
+    def local_shards(self) -> list[ParamShard]:
+        out = []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                flat = p.data.view(-1)
+                out.append(ParamShard(
+                    name, p.shape, 0, p.numel(), True,
+                    _read=lambda flat=flat: flat,
+                    _write=lambda v, flat=flat: flat.copy_(v),
+                    _grad=lambda p=p: None if p.grad is None else p.grad.view(-1),
+                ))
+        return out
+
+
+class FSDP2Strategy(_TorchStrategy):
+    """`fully_shard` on every transformer block and the root; parameters are DTensors
+    sharded by rows (`Shard(0)`), kept in fp32 and cast by the mixed-precision policy."""
+
+    name, sharded = "fsdp2", True
+
+    def setup(self, model: nn.Module) -> None:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = self.cfg.strategy.mixed_precision
+        policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
+        mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
+        model = model.to(self.device)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(model, mesh=mesh, mp_policy=policy)
+        self.module = self.model = model
+        self._build_optim()
+
+    def accumulation_context(self, last_micro: bool):
+        # Reduce-scatter gradients once per optimizer step, not per micro-batch.
+        self.model.set_requires_gradient_sync(last_micro)
+        return super().accumulation_context(last_micro)
+
+    def local_shards(self) -> list[ParamShard]:
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        out = []
+        for name, p in self.module.named_parameters():
+            if not p.requires_grad:
+                continue
+            local = p.to_local()
+            _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            row = p.shape[1:].numel()
+            flat = local.view(-1)
+            out.append(ParamShard(
+                name, p.shape, offset[0] * row if local.numel() else 0, local.numel(), False,
+                _read=lambda flat=flat: flat,
+                _write=lambda v, flat=flat: flat.copy_(v),
+                _grad=lambda p=p: None if p.grad is None else p.grad.to_local().view(-1),
+            ))
+        return out

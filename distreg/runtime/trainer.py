@@ -1,0 +1,180 @@
+"""The training loop: one loop for every strategy, hooks at fixed events.
+
+Per optimizer step:
+  fetch this rank's micro-batches -> global loss denominator (one all-reduce)
+  for each micro-batch: forward -> per-sample losses -> `loss` hooks -> backward
+  `after_backward` hooks -> clip + optimizer step (strategy) -> `after_step` hooks
+  -> metrics (rank 0, queued to MLflow) -> checkpoint when due.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from distreg.config import RunConfig
+from distreg.data.tokens import TokenBatches, TokenDataset
+from distreg.hooks.base import HookContext, LossTerms
+from distreg.hooks.registry import build_hooks
+from distreg.models import build_model
+from distreg.runtime import checkpoint as ckpt
+from distreg.runtime.comm import Comm
+from distreg.runtime.loss import per_sample_lm_loss, reduction_weights, step_denominator
+from distreg.runtime.strategies import build_strategy
+from distreg.tracking.progress import Progress
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step -> global step loss
+    final_step: int = 0
+    checkpoint: str | None = None
+    mlflow_run_id: str | None = None
+    tracking_uri: str | None = None
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig, comm: Comm | None = None, device: torch.device | None = None,
+                 track: bool = True):
+        self.cfg = cfg
+        self.comm = comm or Comm()
+        self.device = device or torch.device("cpu")
+        self.is_main = self.comm.rank == 0
+        if self.comm.world_size != cfg.scaling.num_workers:
+            raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} but {self.comm.world_size} ranks are running")
+        torch.manual_seed(cfg.train.seed)  # identical on every rank: hooks key their randomness on it
+
+        self.hooks = build_hooks(cfg.hooks)
+        model = build_model(cfg.model, cfg.train.seed)
+        self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
+                               grad_accum_steps=cfg.train.grad_accum_steps)
+        for hook in self.hooks:
+            hook.prepare_model(model, self.ctx)
+        model.activation_checkpointing = cfg.strategy.activation_checkpointing
+        self.strategy = build_strategy(cfg, self.comm, self.device)
+        self.strategy.setup(model)
+        self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
+
+        dataset = TokenDataset(cfg.data.path, cfg.data.seq_len)
+        self.data = TokenBatches(dataset, cfg.train.global_batch_size, cfg.train.grad_accum_steps,
+                                 self.comm.rank, self.comm.world_size, cfg.train.seed, cfg.data.shuffle)
+        self.step = 0
+        self.tracker = None
+        if track and self.is_main:
+            from distreg.tracking.mlflow_tracker import MlflowTracker
+
+            t = cfg.tracking
+            self.tracker = MlflowTracker(cfg.run_dir, t.uri, t.experiment, t.run_name)
+
+    # -- one optimizer step ------------------------------------------------------------
+    def train_step(self) -> tuple[float, float, int]:
+        """Returns (global step loss, grad norm, global token count)."""
+        cfg, world = self.cfg, self.comm.world_size
+        micro_batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.data.next_step()]
+        denom = step_denominator(micro_batches, cfg.train.loss_reduction, self.comm)
+        step_loss = torch.zeros((), dtype=torch.float64)
+        for m, batch in enumerate(micro_batches):
+            last = m == len(micro_batches) - 1
+            self.ctx.micro_step = m
+            with self.strategy.accumulation_context(last):
+                out = self.strategy.model(batch["input"])
+                terms = LossTerms(per_sample_lm_loss(out, batch["target"]),
+                                  reduction_weights(batch["target"], cfg.train.loss_reduction, denom), batch["index"])
+                for hook in self.hooks:
+                    terms = hook.loss(self.ctx, out, batch, terms)
+                sample_part = (terms.weight * terms.per_sample).sum()
+                penalty = sum(terms.penalties.values(), torch.zeros((), device=self.device))
+                # The strategies average gradients over ranks, hence * world; penalties
+                # count once per optimizer step, hence / grad_accum.
+                self.strategy.backward(sample_part * world + penalty / len(micro_batches), last)
+            step_loss += sample_part.detach().double().cpu() + penalty.detach().double().cpu() / (len(micro_batches) * world)
+        for hook in self.hooks:
+            hook.after_backward(self.ctx)
+        grad_norm = self.strategy.step()
+        self.step += 1
+        self.ctx.step = self.step
+        for hook in self.hooks:
+            hook.after_step(self.ctx)
+        tokens = denom if cfg.train.loss_reduction == "token" else denom * cfg.data.seq_len
+        return float(self.comm.all_reduce(step_loss)), grad_norm, int(tokens)
+
+    # -- the loop ------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> TrainResult:
+        cfg = self.cfg
+        result = TrainResult()
+        if resume:
+            self._resume()
+        for hook in self.hooks:
+            hook.on_train_start(self.ctx)
+        if self.tracker is not None:
+            from distreg.tracking.mlflow_tracker import run_tags
+
+            result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size), cfg.to_yaml())
+            result.tracking_uri = self.tracker.uri
+        progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_every, enabled=self.is_main)
+        status = "FAILED"
+        try:
+            while self.step < cfg.train.max_steps:
+                t0 = time.perf_counter()
+                loss, grad_norm, tokens = self.train_step()
+                dt = time.perf_counter() - t0
+                result.losses[self.step] = loss
+                self._log(loss, grad_norm, tokens, dt)
+                progress.update(self.step, loss, tokens / dt, "tok/s")
+                every = cfg.checkpoint.every
+                if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+                    result.checkpoint = self.save()
+            status = "FINISHED"
+        finally:
+            progress.close()
+            if self.tracker is not None:
+                self.tracker.finish(status)
+        result.final_step = self.step
+        return result
+
+    def _log(self, loss: float, grad_norm: float, tokens: int, dt: float) -> None:
+        if self.tracker is None:
+            return
+        metrics = {"train/loss": loss, "train/lr": self.strategy.lr(), "train/grad_norm": grad_norm,
+                   "train/step_time_s": dt, "train/tokens_per_s": tokens / dt,
+                   "train/samples_per_s": self.cfg.train.global_batch_size / dt}
+        for hook in self.hooks:
+            metrics.update(hook.metrics())
+        self.tracker.log_metrics(self.step, metrics)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def save(self) -> str:
+        trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
+                         "config": self.cfg.model_dump(mode="json")}
+        rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
+        return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
+                                    self.comm, self.cfg.checkpoint.keep_last)
+
+    def _resume(self) -> None:
+        found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+        if found is None:
+            if self.is_main:
+                print(f"--resume: no complete checkpoint under {self.cfg.checkpoint_dir}; starting from step 0")
+            return
+        step, path = found
+        trainer_state, rank_state = ckpt.load_checkpoint(path, self.strategy, self.comm)
+        self.step = self.ctx.step = trainer_state["step"]
+        self.data.load_state_dict(trainer_state["data"])
+        ckpt.set_rng_state(rank_state["rng"])
+        for hook, state in zip(self.hooks, rank_state["hooks"]):
+            hook.load_state_dict(state)
+        if self.is_main:
+            print(f"resumed from {path} (step {step})")
+
+
+def train_worker(config: dict, resume: bool = False, track: bool = True) -> TrainResult:
+    """Entry point on every rank (Ray Train worker or a spawned test process); the
+    process group is already initialised by the launcher."""
+    cfg = RunConfig.model_validate(config)
+    device = torch.device("cpu")
+    if cfg.scaling.use_gpu and torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume)

@@ -1,0 +1,75 @@
+"""Run a function on N local gloo ranks: the harness of the rank-invariance tests.
+
+`run_distributed(fn, world_size, *args)` spawns `world_size` processes, initialises a
+gloo process group in each, calls `fn(*args)` on every rank and returns the list of
+per-rank return values (in rank order). `fn` must be importable (module level) and its
+arguments and result picklable by torch.save.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        result = fn(*args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(
+            _worker,
+            args=(world_size, free_port(), out_dir, fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def gather_full_params(shards, comm) -> dict[str, torch.Tensor]:
+    """Reassemble every full parameter from the ranks' `ParamShard`s (collective).
+
+    A test and debugging utility: it materialises the whole model on every rank, which
+    hooks must never do.
+    """
+    out = {}
+    for shard in shards:
+        local = shard.data().detach().float().reshape(-1)[: shard.numel]
+        if shard.replicated:
+            out[shard.name] = local.clone().view(shard.full_shape)
+            continue
+        starts = comm.all_gather(torch.tensor([shard.flat_start, shard.numel]))
+        pieces = comm.all_gather_uneven(local)
+        full = torch.empty(shard.full_shape.numel())
+        for (start, n), piece in zip((s.tolist() for s in starts), pieces):
+            full[start : start + n] = piece
+        out[shard.name] = full.view(shard.full_shape)
+    return out

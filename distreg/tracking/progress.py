@@ -1,0 +1,33 @@
+"""Rank-0 progress: a tqdm bar on a terminal, plain periodic lines otherwise."""
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, total: int, start: int, every: int, enabled: bool):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.t0, self.start = time.perf_counter(), start
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, loss: float, throughput: float, unit: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", **{unit: f"{throughput:,.0f}"})
+            return
+        if step % self.every == 0 or step == self.total:
+            done = step - self.start
+            elapsed = time.perf_counter() - self.t0
+            eta = elapsed / max(done, 1) * (self.total - step)
+            print(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}  eta {eta:,.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,29 @@
+"""Shared fixtures: one small token corpus and a config factory for the tiny Llama."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory) -> str:
+    from distreg.data.tokens import synth_tokens
+
+    path = str(tmp_path_factory.mktemp("data") / "tokens")
+    synth_tokens(path, num_tokens=40_000, vocab_size=256, num_shards=3)
+    return path
+
+
+def tiny_config(data_path: str, run_dir: str, **overrides):
+    """The tiny-Llama config every multi-process test shares (`--set`-style overrides)."""
+    from distreg.config import load_config
+
+    base = {
+        "data.path": data_path, "run_dir": run_dir, "data.seq_len": 32,
+        "train.global_batch_size": 8, "train.log_every": 1000, "optim.warmup_steps": 0,
+    }
+    base.update(overrides)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
