@@ -101,8 +101,11 @@ class Trainer:
         return float(self.comm.all_reduce(step_loss)), grad_norm, int(tokens)
 
     # -- the loop ------------------------------------------------------------------------
-    def fit(self, resume: bool = False) -> TrainResult:
+    def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+        """Train to `train.max_steps` (or stop early after step `stop_at`, as a
+        preemption would, checkpointing there)."""
         cfg = self.cfg
+        last = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
         result = TrainResult()
         if resume:
             self._resume()
@@ -116,7 +119,7 @@ class Trainer:
         progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_every, enabled=self.is_main)
         status = "FAILED"
         try:
-            while self.step < cfg.train.max_steps:
+            while self.step < last:
                 t0 = time.perf_counter()
                 loss, grad_norm, tokens = self.train_step()
                 dt = time.perf_counter() - t0
@@ -124,7 +127,7 @@ class Trainer:
                 self._log(loss, grad_norm, tokens, dt)
                 progress.update(self.step, loss, tokens / dt, "tok/s")
                 every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == cfg.train.max_steps:
+                if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
             status = "FINISHED"
         finally:
@@ -169,7 +172,7 @@ class Trainer:
             print(f"resumed from {path} (step {step})")
 
 
-def train_worker(config: dict, resume: bool = False, track: bool = True) -> TrainResult:
+def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
     """Entry point on every rank (Ray Train worker or a spawned test process); the
     process group is already initialised by the launcher."""
     cfg = RunConfig.model_validate(config)
@@ -177,4 +180,4 @@ def train_worker(config: dict, resume: bool = False, track: bool = True) -> Trai
     if cfg.scaling.use_gpu and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume)
+    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at)

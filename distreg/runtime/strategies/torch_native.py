@@ -45,13 +45,16 @@ class _TorchStrategy(Strategy):
 
     def save(self, path: str) -> None:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_storage(path, True))
+        # The schedule is replicated: DCP stores its (non-tensor) state once.
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
+        dcp.save(state, storage_writer=_storage(path, True))
 
     def load(self, path: str) -> None:
         model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        state = {"model": model_sd, "optim": optim_sd, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, storage_reader=_storage(path, False))
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        self.scheduler.load_state_dict(state["scheduler"])
 
 
 class DDPStrategy(_TorchStrategy):
