@@ -26,6 +26,7 @@ class ParamNorm(Hook):
         self.value: float | None = None
 
     @staticmethod
+    @torch.no_grad()
     def compute(ctx: HookContext) -> float:
         sq = torch.zeros((), dtype=torch.float64)
         for shard in ctx.local_shards():

@@ -26,7 +26,10 @@ class Progress:
             done = step - self.start
             elapsed = time.perf_counter() - self.t0
             eta = elapsed / max(done, 1) * (self.total - step)
-            print(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}  eta {eta:,.0f}s", flush=True)
+            # sys.stdout.write, not print: Ray Train patches print() into a logger that
+            # echoes every line twice on the driver.
+            sys.stdout.write(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}  eta {eta:,.0f}s\n")
+            sys.stdout.flush()
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,0 +1,92 @@
+"""`distreg` command line: train, config show, data synth-tokens, mlflow-sync."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from distreg.config import ConfigError, load_config
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable), e.g. --set train.max_steps=100")
+
+
+def _train(args) -> int:
+    from distreg.data.tokens import DataError, TokenDataset
+
+    cfg = load_config(args.config, args.overrides)
+    # Check the data before any worker starts: a missing path is named here, not in a
+    # worker's traceback.
+    try:
+        TokenDataset(cfg.data.path, cfg.data.seq_len)
+    except DataError as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    from distreg.launch import launch, print_summary
+
+    print_summary(launch(cfg, resume=args.resume))
+    return 0
+
+
+def _config_show(args) -> int:
+    print(load_config(args.config, args.overrides).to_yaml(), end="")
+    return 0
+
+
+def _synth_tokens(args) -> int:
+    from distreg.data.tokens import synth_tokens
+
+    synth_tokens(args.out, num_tokens=args.tokens, vocab_size=args.vocab_size, num_shards=args.shards, seed=args.seed)
+    print(f"wrote {args.tokens} tokens in {args.shards} shards to {args.out}")
+    return 0
+
+
+def _mlflow_sync(args) -> int:
+    from distreg.tracking.mlflow_tracker import sync_fallback
+
+    print(f"uploaded {sync_fallback(args.run_dir, args.uri)} records from {args.run_dir}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distreg", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a config on Ray (local cluster, or RAY_ADDRESS)")
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.set_defaults(fn=_train)
+
+    cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    p = cfg.add_parser("show", help="print the resolved config")
+    _add_config_args(p)
+    p.set_defaults(fn=_config_show)
+
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    p = data.add_parser("synth-tokens", help="write a small learnable token corpus")
+    p.add_argument("out", help="directory or fsspec URL")
+    p.add_argument("--tokens", type=int, default=200_000)
+    p.add_argument("--vocab-size", type=int, default=256)
+    p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_synth_tokens)
+
+    p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
+    p.add_argument("run_dir")
+    p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the run's sqlite)")
+    p.set_defaults(fn=_mlflow_sync)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"distreg: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
