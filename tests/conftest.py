@@ -27,3 +27,13 @@ def tiny_config(data_path: str, run_dir: str, **overrides):
     }
     base.update(overrides)
     return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for every test that needs one."""
+    import ray
+
+    ray.init(num_cpus=4, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    yield
+    ray.shutdown()
