@@ -1,0 +1,24 @@
+# The two set-up commands of the README. Both install what they need first.
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install quickstart test bench
+
+# torch/torchvision first and pinned: on the CI and dev machines they install from the
+# local wheel cache; everything else comes from PyPI.
+.install-stamp: pyproject.toml
+	$(PIP) install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(PIP) install -q -e ".[test]"
+	touch $@
+
+install: .install-stamp
+
+quickstart: install
+	@test -f data/quickstart_tokens/index.json || $(PYTHON) -m distreg.cli data synth-tokens data/quickstart_tokens
+	$(PYTHON) -m distreg.cli train configs/quickstart.yaml
+
+test: install
+	DS_ACCELERATOR=cpu $(PYTHON) -m pytest -q tests
+
+bench: install
+	$(PYTHON) benchmarks/overhead.py
