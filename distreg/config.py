@@ -36,6 +36,9 @@ class ModelConfig(_Strict):
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # "meta": build without weights, shard, then initialise each rank's slice (FSDP2,
+    # ZeRO-3); for models too large to build whole on one rank. Same values as "cpu".
+    init_device: Literal["cpu", "meta"] = "cpu"
     # torchvision
     arch: str = "resnet50"
     num_classes: int = 1000
@@ -131,6 +134,24 @@ class RunConfig(_Strict):
                 f"train.global_batch_size={self.train.global_batch_size} is not divisible by "
                 f"scaling.num_workers * train.grad_accum_steps = {per_step}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lazy_init_needs_sharding(self) -> "RunConfig":
+        if self.model.init_device == "meta":
+            if self.model.kind != "llama":
+                raise ValueError("model.init_device=meta is supported for model.kind=llama only")
+            if not (self.strategy.name == "fsdp2" or (self.strategy.name == "deepspeed" and self.strategy.zero_stage == 3)):
+                raise ValueError("model.init_device=meta needs strategy.name=fsdp2 or deepspeed with strategy.zero_stage=3 "
+                                 f"(got {self.strategy.name}, zero_stage {self.strategy.zero_stage})")
+        return self
+
+    @model_validator(mode="after")
+    def _deepspeed_checkpoints_are_local(self) -> "RunConfig":
+        ckpt_dir = self.checkpoint.dir or self.run_dir
+        if self.strategy.name == "deepspeed" and "://" in ckpt_dir and not ckpt_dir.startswith("file://"):
+            raise ValueError("checkpoint.dir: DeepSpeed writes checkpoints to a (shared) filesystem path, "
+                             f"not to {ckpt_dir!r}; use strategy.name=fsdp2 for object-store checkpoints")
         return self
 
     @property

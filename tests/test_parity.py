@@ -16,6 +16,9 @@ STRATEGIES = [
     ("fsdp2", {"strategy.name": "fsdp2"}),
     ("zero2", {"strategy.name": "deepspeed", "strategy.zero_stage": 2}),
     ("zero3", {"strategy.name": "deepspeed", "strategy.zero_stage": 3}),
+    # Built without weights, sharded, then initialised slice by slice on each rank.
+    ("fsdp2_meta_init", {"strategy.name": "fsdp2", "model.init_device": "meta"}),
+    ("zero3_lazy_init", {"strategy.name": "deepspeed", "strategy.zero_stage": 3, "model.init_device": "meta"}),
 ]
 # SGD, not Adam: Adam's first update g/(|g|+eps) amplifies round-off in near-zero
 # gradients into visible weight differences, which would hide what this test checks

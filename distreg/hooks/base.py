@@ -45,7 +45,8 @@ class ParamShard:
         """Overwrite the local elements, in the optimizer's copy and the forward copy."""
         if values.numel() != self.numel:
             raise ValueError(f"{self.name}: write of {values.numel()} values into a shard of {self.numel}")
-        self._write(values.reshape(-1))
+        with torch.no_grad():
+            self._write(values.reshape(-1))
 
     def grad(self) -> torch.Tensor | None:
         """The local elements of the reduced (rank-averaged) gradient, or None."""

@@ -8,11 +8,12 @@ from distreg.config import ModelConfig
 from distreg.models.llama import Llama, llama_args
 
 
-def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu") -> nn.Module:
+def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu", init: bool = True) -> nn.Module:
     """Build and initialise the model; identical on every rank for the same seed.
 
-    `device="meta"` builds the structure without allocating weights (for planning and
-    for very large models that are materialised shard by shard after sharding).
+    `device="meta"` (or `init=False`) builds the structure without initialising
+    weights: for planning, and for large models that are sharded first and then
+    initialised slice by slice (`materialize`).
     """
     if cfg.kind == "llama":
         args = llama_args(
@@ -22,8 +23,8 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu")
         )
         with torch.device(device):
             model = Llama(args)
-        if str(device) != "meta":
-            model.init_weights(torch.Generator(device=device).manual_seed(seed))
+        if init and str(device) != "meta":
+            model.init_weights(seed)
         return model
     import torchvision
 
@@ -37,3 +38,15 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     if isinstance(model, Llama):
         return list(model.layers)
     return []
+
+
+def materialize(shards, seed: int, std: float) -> None:
+    """Initialise a model that was built without weights (meta device / ZeRO-3
+    partitioned), one parameter at a time: each rank writes its own slice of the
+    values `init_values` gives the whole parameter, so the result equals a
+    whole-model init in one process."""
+    from distreg.models.llama import init_values
+
+    for shard in shards:
+        full = init_values(shard.name, shard.full_shape, seed, std).view(-1)
+        shard.write(full[shard.flat_start : shard.flat_start + shard.numel])

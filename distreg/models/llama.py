@@ -6,6 +6,7 @@ transformer blocks FSDP2 wraps one by one.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,19 @@ def llama_args(preset: str | None, **overrides) -> LlamaArgs:
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise ValueError("model.dim must be divisible by model.n_heads, and n_heads by n_kv_heads")
     return args
+
+
+def init_values(name: str, shape: torch.Size, seed: int, std: float) -> torch.Tensor:
+    """The initial value of parameter `name`: ones for vectors (norm weights),
+    normal(0, std) for matrices from a generator keyed by (seed, name).
+
+    Keying by name makes a sharded model initialised on the meta device, one parameter
+    at a time, bitwise equal to the same model initialised whole in one process.
+    """
+    if len(shape) == 1:
+        return torch.ones(shape)
+    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+    return torch.empty(shape).normal_(0.0, std, generator=g)
 
 
 class RMSNorm(nn.Module):
@@ -144,15 +158,15 @@ class Llama(nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
-    def init_weights(self, generator: torch.Generator | None = None) -> None:
-        """Deterministic init (normal(0, init_std) for matrices, ones for norms)."""
-        std = self.args.init_std
-        for name, p in self.named_parameters():
-            with torch.no_grad():
-                if p.ndim == 1:
-                    p.fill_(1.0)
-                else:
-                    p.normal_(0.0, std, generator=generator)
+    def init_weights(self, seed: int) -> None:
+        """Deterministic init, parameter by parameter (see `init_values`)."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                p.copy_(init_values(name, p.shape, seed, self.args.init_std))
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Recompute the RoPE tables (after `to_empty` on a model built on meta)."""
         cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
 

@@ -18,7 +18,7 @@ from distreg.config import RunConfig
 from distreg.data.tokens import TokenBatches, TokenDataset
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
-from distreg.models import build_model
+from distreg.models import build_model, materialize
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
 from distreg.runtime.loss import per_sample_lm_loss, reduction_weights, step_denominator
@@ -47,15 +47,19 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical on every rank: hooks key their randomness on it
 
         self.hooks = build_hooks(cfg.hooks)
-        model = build_model(cfg.model, cfg.train.seed)
+        self.strategy = build_strategy(cfg, self.comm, self.device)
+        lazy = cfg.model.init_device == "meta"
+        model = self.strategy.create_model(
+            lambda device, init: build_model(cfg.model, cfg.train.seed, device, init), lazy)
         self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
                                grad_accum_steps=cfg.train.grad_accum_steps)
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
-        self.strategy = build_strategy(cfg, self.comm, self.device)
         self.strategy.setup(model)
         self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
+        if lazy:
+            materialize(self.strategy.local_shards(), cfg.train.seed, cfg.model.init_std)
 
         dataset = TokenDataset(cfg.data.path, cfg.data.seq_len)
         self.data = TokenBatches(dataset, cfg.train.global_batch_size, cfg.train.grad_accum_steps,

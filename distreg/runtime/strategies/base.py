@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from typing import Callable
 
 import torch
 from torch import nn
@@ -25,6 +26,11 @@ class Strategy(ABC):
         self.cfg, self.comm, self.device = cfg, comm, device
         self.module: nn.Module  # the user's model (unwrapped; its params may be shards)
         self.model: nn.Module  # what the forward is called on
+
+    def create_model(self, build: Callable[..., nn.Module], lazy: bool) -> nn.Module:
+        """Build the model (`build(device, init)`); `lazy` builds it without weights where
+        the strategy can shard first and initialise after (`materialize`)."""
+        return build("cpu", True)
 
     @abstractmethod
     def setup(self, model: nn.Module) -> None:

@@ -45,6 +45,16 @@ class DeepSpeedStrategy(Strategy):
             "wall_clock_breakdown": False,
         }
 
+    def create_model(self, build, lazy: bool) -> nn.Module:
+        if not (lazy and self.sharded):
+            return build("cpu", True)
+        import deepspeed
+
+        # Parameters are partitioned as each module is constructed: the whole model never
+        # exists on one rank. Values come from `materialize` after initialize().
+        with deepspeed.zero.Init(config_dict_or_path=self.ds_config()):
+            return build("cpu", False)
+
     def setup(self, model: nn.Module) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if self.device.type == "cpu" else "cuda")
         import deepspeed

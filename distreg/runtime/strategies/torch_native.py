@@ -97,6 +97,9 @@ class FSDP2Strategy(_TorchStrategy):
 
     name, sharded = "fsdp2", True
 
+    def create_model(self, build, lazy: bool) -> nn.Module:
+        return build("meta", False) if lazy else build("cpu", True)
+
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -104,10 +107,15 @@ class FSDP2Strategy(_TorchStrategy):
         mp = self.cfg.strategy.mixed_precision
         policy = MixedPrecisionPolicy(param_dtype=DTYPES[mp.param_dtype], reduce_dtype=DTYPES[mp.reduce_dtype])
         mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
-        model = model.to(self.device)
+        if not any(p.is_meta for p in model.parameters()):
+            model = model.to(self.device)
         for block in transformer_blocks(model):
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(model, mesh=mesh, mp_policy=policy)
+        if any(p.is_meta for p in model.parameters()):
+            # Allocate only this rank's shards; values come from `materialize`.
+            model.to_empty(device=self.device)
+            model.reset_buffers()
         self.module = self.model = model
         self._build_optim()
 
@@ -123,7 +131,7 @@ class FSDP2Strategy(_TorchStrategy):
         for name, p in self.module.named_parameters():
             if not p.requires_grad:
                 continue
-            local = p.to_local()
+            local = p.detach().to_local()  # shares storage with the sharded parameter
             _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             row = p.shape[1:].numel()
             flat = local.view(-1)

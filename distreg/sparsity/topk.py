@@ -1,0 +1,266 @@
+"""Exact distributed bottom-k selection over sharded scores (spec pattern S1).
+
+Why: global (or per-layer) magnitude pruning needs the k smallest scores over whole
+parameters, but under FSDP2 / ZeRO-3 each rank holds only a slice, and gathering the
+scores would materialise the model. Instead every rank radix-selects the k-th smallest
+fp32 bit pattern from all-reduced 256-bin histograms (4 rounds, most significant byte
+first), then ties at the threshold are broken canonically by (parameter index, global
+flat index) with one tiny all-gather of per-parameter tie counts. The result is the
+single-process mask, bit for bit, for any rank-ordered contiguous sharding.
+
+Memory: per round each shard's keys are recomputed (one int32 and a few bool
+temporaries the size of that shard), so peak extra memory is O(largest local shard)
+plus O(256 x groups). Communication: 4 all-reduces of [groups, 256] int64 (the first
+also carries per-shard non-finite counts and per-group element counts) and one all-gather of [2, num_shards].
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from distreg.runtime.comm import Comm
+
+_INT_MIN = -(2**31)
+_SHIFTS = (24, 16, 8, 0)
+
+
+@dataclass
+class ShardScores:
+    """This rank's scores for one participating parameter.
+
+    `scores` holds the local elements (any shape, flattened row-major; bf16/fp16 are cast
+    to fp32 exactly); they are the contiguous range [flat_start, flat_start + numel) of
+    the flattened full parameter, and ranks hold their ranges in rank order (FSDP2
+    `Shard(0)`, ZeRO-3 partitions). An empty slice is allowed. `eligible` (bool, same
+    numel) marks entries that may be pruned; ineligible entries (already pruned, as in
+    torch.prune) are never selected and their scores are ignored. `name` is used in
+    error messages.
+    """
+
+    scores: torch.Tensor
+    flat_start: int = 0
+    name: str = ""
+    eligible: torch.Tensor | None = None
+
+    @property
+    def numel(self) -> int:
+        return self.scores.numel()
+
+
+@dataclass
+class Selection:
+    """Result of a bottom-k selection.
+
+    `keep[i]` is the new local keep-mask of shard i (bool, flat, local numel): False for
+    selected (pruned) entries and for entries that were already ineligible. `k[g]` is
+    the number of entries selected in group g (global) and `threshold[g]` the k-th
+    smallest eligible score of group g (the |score| with `by_abs`), None when k == 0.
+    `eligible[g]` / `total[g]` are the global eligible / element counts of group g
+    before this selection.
+    """
+
+    keep: list[torch.Tensor]
+    k: list[int]
+    threshold: list[float | None]
+    eligible: list[int]
+    total: list[int]
+
+
+def select_bottom_k(shards: Sequence[ShardScores], k: int, comm: Comm | None = None, *,
+                    by_abs: bool = False, replicated: bool = False) -> Selection:
+    """Select exactly `k` of the smallest eligible scores over all shards (global scope).
+
+    Every rank passes one `ShardScores` per participating parameter, in the same order
+    (the order is the tie-break's parameter index). `by_abs=True` ranks by |score|
+    without allocating |score| (magnitude pruning). `replicated=True` (DDP, ZeRO-1/2:
+    every rank holds whole tensors) computes locally with no communication.
+    Raises ValueError (on every rank) for NaN/inf eligible scores or k out of range.
+    """
+    return _select(shards, [0] * len(shards), lambda elig, total: [k], comm, by_abs, replicated)
+
+
+def select_bottom_k_per_layer(shards: Sequence[ShardScores], ks: Sequence[int], comm: Comm | None = None, *,
+                              by_abs: bool = False, replicated: bool = False) -> Selection:
+    """Per-layer scope: select exactly `ks[i]` smallest eligible scores inside parameter i.
+
+    All layers share one `[L, 256]` histogram all-reduce per round (ISS-P, TF-style
+    per-layer gradual pruning). Same conventions as `select_bottom_k`.
+    """
+    if len(ks) != len(shards):
+        raise ValueError(f"per-layer selection: {len(ks)} counts for {len(shards)} shards")
+    return _select(shards, list(range(len(shards))), lambda elig, total: list(ks), comm, by_abs, replicated)
+
+
+def select_bottom_k_fn(shards: Sequence[ShardScores], groups: Sequence[int],
+                       k_fn: Callable[[list[int], list[int]], list[int]], comm: Comm | None = None, *,
+                       by_abs: bool = False, replicated: bool = False) -> Selection:
+    """General form: shard i belongs to selection group `groups[i]` (0..G-1) and the
+    counts are `k_fn(eligible, total)`, the global eligible and element counts per group.
+
+    Lets builders express "prune to a target sparsity counting already-pruned entries"
+    or torch.prune's `round(amount * #unmasked)` without an extra collective: both
+    counts travel with the first histogram round.
+    """
+    return _select(shards, list(groups), k_fn, comm, by_abs, replicated)
+
+
+# --------------------------------------------------------------------------- internals
+
+
+def _keys(shard: ShardScores, by_abs: bool) -> torch.Tensor:
+    """int32 keys, monotone in the score (signed int32 order == float order).
+
+    Non-negative floats compare like their bit patterns; negative ones get their
+    magnitude bits flipped. -0.0 is mapped to +0.0 so equal floats get equal keys.
+    """
+    s = shard.scores.detach().reshape(-1)
+    if s.dtype != torch.float32:
+        s = s.float()
+    i = s.contiguous().view(torch.int32)
+    if by_abs:
+        return i & 0x7FFFFFFF
+    i = torch.where(i == _INT_MIN, torch.zeros((), dtype=torch.int32), i)
+    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+
+
+def _eligible(shard: ShardScores) -> torch.Tensor | None:
+    e = shard.eligible
+    if e is None:
+        return None
+    e = e.reshape(-1)
+    if e.dtype != torch.bool or e.numel() != shard.numel:
+        raise ValueError(f"{shard.name or 'shard'}: eligible must be bool with {shard.numel} elements")
+    return e
+
+
+def _to_i32(u: int) -> int:
+    """Unsigned 32-bit python int -> the same bits as a signed int32 value."""
+    return u - 2**32 if u >= 2**31 else u
+
+
+def _key_to_float(u: int, by_abs: bool) -> float:
+    """Inverse of `_keys` for an unsigned (sign-flipped) key."""
+    i = _to_i32(u ^ 0x80000000)
+    if i < 0 and not by_abs:
+        i ^= 0x7FFFFFFF
+    return torch.tensor([i], dtype=torch.int32).view(torch.float32).item()
+
+
+def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
+    comm = None if (replicated or comm is None or comm.world_size == 1) else comm
+    n_groups = max(groups) + 1 if groups else 0
+    n_shards = len(shards)
+    eligibles = [_eligible(s) for s in shards]
+    sizes = torch.zeros(n_groups, dtype=torch.int64)
+    for g, shard in zip(groups, shards):
+        sizes[g] += shard.numel
+
+    def reduce(t: torch.Tensor) -> torch.Tensor:
+        return comm.all_reduce(t) if comm is not None else t
+
+    k_rem: list[int] = []      # remaining rank inside the current prefix, per group
+    prefix = [0] * n_groups    # unsigned key prefix found so far, per group
+    active: list[bool] = []
+    elig_counts: list[int] = []
+    ks: list[int] = []
+    for r, shift in enumerate(_SHIFTS):
+        hist = torch.zeros(n_groups, 256, dtype=torch.int64)
+        bad = torch.zeros(n_shards, dtype=torch.int64)
+        for i, shard in enumerate(shards):
+            g = groups[i]
+            if shard.numel == 0 or (r > 0 and not active[g]):
+                continue
+            key = _keys(shard, by_abs)
+            cand = eligibles[i]
+            if r == 0:
+                # exponent all ones <=> inf or nan (the check ignores ineligible entries)
+                nonfinite = (key & 0x7FFFFFFF) >= 0x7F800000
+                bad[i] = int((nonfinite if cand is None else nonfinite & cand).sum())
+            u = key ^ _INT_MIN  # byte order of u (as unsigned) == key order
+            if r > 0:
+                same = (u >> (shift + 8)) == (_to_i32(prefix[g]) >> (shift + 8))
+                cand = same if cand is None else cand & same
+            byte = (u >> shift) & 0xFF
+            if cand is not None:
+                byte = byte[cand]
+            hist[g] += torch.bincount(byte.long(), minlength=256)
+        if r == 0:
+            flat = reduce(torch.cat([hist.reshape(-1), bad, sizes]))
+            n_h = n_groups * 256
+            hist, bad, sizes = flat[:n_h].view(n_groups, 256), flat[n_h:n_h + n_shards], flat[n_h + n_shards:]
+            if bad.any():
+                names = [shards[i].name or f"#{i}" for i in range(n_shards) if bad[i] > 0]
+                raise ValueError(f"non-finite (NaN/inf) scores in parameter(s): {', '.join(names)}")
+            elig_counts, totals = hist.sum(1).tolist(), sizes.tolist()
+            ks = [int(x) for x in k_fn(list(elig_counts), list(totals))]
+            if len(ks) != n_groups:
+                raise ValueError(f"expected {n_groups} counts, got {len(ks)}")
+            for g, (kg, ng) in enumerate(zip(ks, elig_counts)):
+                if not 0 <= kg <= ng:
+                    raise ValueError(f"cannot select {kg} of {ng} eligible entries (group {g})")
+            k_rem = list(ks)
+            active = [kg > 0 for kg in ks]
+            if not any(active):
+                break
+        else:
+            hist = reduce(hist)
+        cum = hist.cumsum(1)
+        for g in range(n_groups):
+            if not active[g]:
+                continue
+            b = int(torch.searchsorted(cum[g], k_rem[g]))  # first bin with cum >= k_rem
+            k_rem[g] -= int(cum[g, b - 1]) if b > 0 else 0
+            prefix[g] |= b << shift
+
+    keep = []
+    if not any(active):
+        for i, shard in enumerate(shards):
+            e = eligibles[i]
+            keep.append(e.clone() if e is not None else torch.ones(shard.numel, dtype=torch.bool))
+        return Selection(keep, ks, [None] * n_groups, elig_counts, totals)
+
+    # Ties at the threshold: count this rank's per shard, gather, then prune the first
+    # ones in the canonical order (param index, global flat index) over all ranks. The
+    # keys are recomputed in the second pass so only one shard's temporaries live at once.
+    thr = [_to_i32(p ^ 0x80000000) for p in prefix]  # threshold as a signed key
+
+    def below_and_at(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _keys(shards[i], by_abs)
+        lt, eq = key < thr[groups[i]], key == thr[groups[i]]
+        if eligibles[i] is not None:
+            lt &= eligibles[i]
+            eq &= eligibles[i]
+        return lt, eq
+
+    ties = torch.zeros(2, n_shards, dtype=torch.int64)
+    live = [shard.numel > 0 and active[g] for g, shard in zip(groups, shards)]
+    for i, shard in enumerate(shards):
+        ties[1, i] = shard.flat_start
+        if live[i]:
+            ties[0, i] = int(below_and_at(i)[1].sum())
+    per_rank = torch.stack(comm.all_gather(ties)) if comm is not None else ties[None]
+    my_rank = comm.rank if comm is not None else 0
+    counts, starts = per_rank[:, 0], per_rank[:, 1]  # [W, num_shards]
+    tie_totals = counts.sum(0).tolist()
+    earlier = [0] * n_groups  # ties held by lower-index params of the same group, all ranks
+    ranks = torch.arange(per_rank.shape[0])
+    for i, shard in enumerate(shards):
+        g = groups[i]
+        e = eligibles[i]
+        k_keep = e.clone() if e is not None else torch.ones(shard.numel, dtype=torch.bool)
+        if live[i]:
+            # slices of this param ordered by (global flat start, rank); empty ones hold no ties
+            s = starts[:, i]
+            first = (s < shard.flat_start) | ((s == shard.flat_start) & (ranks < my_rank))
+            before = earlier[g] + int(counts[first, i].sum())
+            take = min(max(k_rem[g] - before, 0), int(ties[0, i]))
+            prune, eq = below_and_at(i)
+            if take > 0:
+                prune[eq.nonzero().view(-1)[:take]] = True
+            k_keep &= ~prune
+        earlier[g] += tie_totals[i]
+        keep.append(k_keep)
+    thresholds = [_key_to_float(p, by_abs) if active[g] else None for g, p in enumerate(prefix)]
+    return Selection(keep, ks, thresholds, elig_counts, totals)
