@@ -14,13 +14,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args) -> int:
-    from distreg.data.tokens import DataError, TokenDataset
+    from distreg.data import check_data
+    from distreg.data.tokens import DataError
 
     cfg = load_config(args.config, args.overrides)
     # Check the data before any worker starts: a missing path is named here, not in a
     # worker's traceback.
     try:
-        TokenDataset(cfg.data.path, cfg.data.seq_len)
+        check_data(cfg)
     except DataError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     from distreg.launch import launch, print_summary

@@ -148,6 +148,8 @@ class TokenBatches:
     [m*W*b + r*b, m*W*b + (r+1)*b) of it (b = per-rank micro-batch size).
     """
 
+    unit = "tok"  # what throughput counts
+
     def __init__(self, dataset: TokenDataset, global_batch: int, grad_accum: int, rank: int, world_size: int,
                  seed: int, shuffle: bool = True):
         if global_batch > len(dataset):
@@ -181,6 +183,9 @@ class TokenBatches:
             lo = m * self.world_size * self.micro + self.rank * self.micro
             out.append(self.ds.batch(step_indices[lo : lo + self.micro]))
         return out
+
+    def metrics(self) -> dict[str, float]:
+        return {"data/epoch": float(self.epoch)}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds)}

@@ -8,6 +8,8 @@ depends on which rank or micro-batch it landed on.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -16,24 +18,43 @@ from distreg.runtime.comm import Comm
 IGNORE_INDEX = -100
 
 
-def per_sample_lm_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean token cross-entropy of each sequence ([batch]); ignored tokens excluded."""
+def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Each sample's loss ([batch]): the mean token cross-entropy of a sequence
+    (target [batch, seq]) or the cross-entropy of a classification (target [batch]);
+    ignored targets (IGNORE_INDEX) excluded."""
+    if target.ndim == 1:
+        return F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_INDEX)
     tok = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=IGNORE_INDEX)
-    valid = (target != IGNORE_INDEX).sum(1)
-    return tok.view(target.shape).sum(1) / valid.clamp(min=1)
+    return tok.view(target.shape).sum(1) / valid_counts(target).clamp(min=1)
 
 
-def step_denominator(micro_batches: list[dict], reduction: str, comm: Comm) -> float:
-    """Global count of valid tokens (or of non-empty samples) over the whole step."""
-    local = 0
+def valid_counts(target: torch.Tensor) -> torch.Tensor:
+    """Valid (non-ignored) targets of each sample: tokens of a sequence, or 0/1."""
+    valid = target != IGNORE_INDEX
+    return valid.long() if target.ndim == 1 else valid.sum(1)
+
+
+@dataclass
+class StepCounts:
+    """Global counts over one optimizer step (all ranks, all micro-batches)."""
+
+    tokens: int  # valid targets (tokens for LM, samples for classification)
+    samples: int  # samples with at least one valid target
+
+    def denominator(self, reduction: str) -> float:
+        return float(self.tokens if reduction == "token" else self.samples)
+
+
+def step_counts(micro_batches: list[dict], comm: Comm) -> StepCounts:
+    """One all-reduce, before the first forward of the step."""
+    local = torch.zeros(2, dtype=torch.float64)
     for b in micro_batches:
-        valid = (b["target"] != IGNORE_INDEX).sum(1)
-        local += int(valid.sum()) if reduction == "token" else int((valid > 0).sum())
-    total = comm.all_reduce(torch.tensor([local], dtype=torch.float64))
-    return float(total.item())
+        n = valid_counts(b["target"])
+        local += torch.tensor([float(n.sum()), float((n > 0).sum())], dtype=torch.float64)
+    tokens, samples = comm.all_reduce(local).tolist()
+    return StepCounts(int(tokens), int(samples))
 
 
 def reduction_weights(target: torch.Tensor, reduction: str, denominator: float) -> torch.Tensor:
-    valid = (target != IGNORE_INDEX).sum(1).float()
-    w = valid if reduction == "token" else (valid > 0).float()
-    return w / denominator
+    n = valid_counts(target).float()
+    return (n if reduction == "token" else (n > 0).float()) / denominator

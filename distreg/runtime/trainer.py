@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from distreg.config import RunConfig
-from distreg.data.tokens import TokenBatches, TokenDataset
+from distreg.data import build_data
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
-from distreg.runtime.loss import per_sample_lm_loss, reduction_weights, step_denominator
+from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
 from distreg.tracking.progress import Progress
 
@@ -61,9 +61,7 @@ class Trainer:
         if lazy:
             materialize(self.strategy.local_shards(), cfg.train.seed, cfg.model.init_std)
 
-        dataset = TokenDataset(cfg.data.path, cfg.data.seq_len)
-        self.data = TokenBatches(dataset, cfg.train.global_batch_size, cfg.train.grad_accum_steps,
-                                 self.comm.rank, self.comm.world_size, cfg.train.seed, cfg.data.shuffle)
+        self.data = build_data(cfg, self.comm.rank, self.comm.world_size)
         self.step = 0
         self.tracker = None
         if track and self.is_main:
@@ -73,18 +71,19 @@ class Trainer:
             self.tracker = MlflowTracker(cfg.run_dir, t.uri, t.experiment, t.run_name)
 
     # -- one optimizer step ------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, int]:
-        """Returns (global step loss, grad norm, global token count)."""
+    def train_step(self) -> tuple[float, float, StepCounts]:
+        """Returns (global step loss, grad norm, global counts of the step)."""
         cfg, world = self.cfg, self.comm.world_size
         micro_batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.data.next_step()]
-        denom = step_denominator(micro_batches, cfg.train.loss_reduction, self.comm)
+        counts = step_counts(micro_batches, self.comm)
+        denom = counts.denominator(cfg.train.loss_reduction)
         step_loss = torch.zeros((), dtype=torch.float64)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m
             with self.strategy.accumulation_context(last):
                 out = self.strategy.model(batch["input"])
-                terms = LossTerms(per_sample_lm_loss(out, batch["target"]),
+                terms = LossTerms(per_sample_loss(out, batch["target"]),
                                   reduction_weights(batch["target"], cfg.train.loss_reduction, denom), batch["index"])
                 for hook in self.hooks:
                     terms = hook.loss(self.ctx, out, batch, terms)
@@ -101,8 +100,7 @@ class Trainer:
         self.ctx.step = self.step
         for hook in self.hooks:
             hook.after_step(self.ctx)
-        tokens = denom if cfg.train.loss_reduction == "token" else denom * cfg.data.seq_len
-        return float(self.comm.all_reduce(step_loss)), grad_norm, int(tokens)
+        return float(self.comm.all_reduce(step_loss)), grad_norm, counts
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -125,11 +123,11 @@ class Trainer:
         try:
             while self.step < last:
                 t0 = time.perf_counter()
-                loss, grad_norm, tokens = self.train_step()
+                loss, grad_norm, counts = self.train_step()
                 dt = time.perf_counter() - t0
                 result.losses[self.step] = loss
-                self._log(loss, grad_norm, tokens, dt)
-                progress.update(self.step, loss, tokens / dt, "tok/s")
+                self._log(loss, grad_norm, counts, dt)
+                progress.update(self.step, loss, counts.tokens / dt, self.data.unit + "/s")
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
@@ -141,12 +139,14 @@ class Trainer:
         result.final_step = self.step
         return result
 
-    def _log(self, loss: float, grad_norm: float, tokens: int, dt: float) -> None:
+    def _log(self, loss: float, grad_norm: float, counts: StepCounts, dt: float) -> None:
         if self.tracker is None:
             return
         metrics = {"train/loss": loss, "train/lr": self.strategy.lr(), "train/grad_norm": grad_norm,
-                   "train/step_time_s": dt, "train/tokens_per_s": tokens / dt,
-                   "train/samples_per_s": self.cfg.train.global_batch_size / dt}
+                   "train/step_time_s": dt, "train/samples_per_s": counts.samples / dt}
+        if self.data.unit == "tok":
+            metrics["train/tokens_per_s"] = counts.tokens / dt
+        metrics.update(self.data.metrics())
         for hook in self.hooks:
             metrics.update(hook.metrics())
         self.tracker.log_metrics(self.step, metrics)
