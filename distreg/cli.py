@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from distreg.config import ConfigError, load_config
+from distreg.data.cli import add_data_commands
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -35,14 +36,6 @@ def _config_show(args) -> int:
     return 0
 
 
-def _synth_tokens(args) -> int:
-    from distreg.data.tokens import synth_tokens
-
-    synth_tokens(args.out, num_tokens=args.tokens, vocab_size=args.vocab_size, num_shards=args.shards, seed=args.seed)
-    print(f"wrote {args.tokens} tokens in {args.shards} shards to {args.out}")
-    return 0
-
-
 def _mlflow_sync(args) -> int:
     from distreg.tracking.mlflow_tracker import sync_fallback
 
@@ -64,14 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(fn=_config_show)
 
-    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
-    p = data.add_parser("synth-tokens", help="write a small learnable token corpus")
-    p.add_argument("out", help="directory or fsspec URL")
-    p.add_argument("--tokens", type=int, default=200_000)
-    p.add_argument("--vocab-size", type=int, default=256)
-    p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=_synth_tokens)
+    add_data_commands(sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True))
 
     p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
     p.add_argument("run_dir")
