@@ -109,20 +109,22 @@ def select_bottom_k_fn(shards: Sequence[ShardScores], groups: Sequence[int],
 # --------------------------------------------------------------------------- internals
 
 
+def _fp32(shard: ShardScores) -> torch.Tensor:
+    s = shard.scores.detach().reshape(-1)
+    return (s if s.dtype == torch.float32 else s.float()).contiguous()
+
+
 def _keys(shard: ShardScores, by_abs: bool) -> torch.Tensor:
     """int32 keys, monotone in the score (signed int32 order == float order).
 
     Non-negative floats compare like their bit patterns; negative ones get their
-    magnitude bits flipped. -0.0 is mapped to +0.0 so equal floats get equal keys.
+    magnitude bits flipped and are shifted up by one so that -0.0 and +0.0 share key 0.
     """
-    s = shard.scores.detach().reshape(-1)
-    if s.dtype != torch.float32:
-        s = s.float()
-    i = s.contiguous().view(torch.int32)
+    i = _fp32(shard).view(torch.int32)
     if by_abs:
         return i & 0x7FFFFFFF
-    i = torch.where(i == _INT_MIN, torch.zeros((), dtype=torch.int32), i)
-    return torch.where(i < 0, i ^ 0x7FFFFFFF, i)
+    t = i ^ ((i >> 31) & 0x7FFFFFFF)
+    return t - (t >> 31)
 
 
 def _eligible(shard: ShardScores) -> torch.Tensor | None:
@@ -144,7 +146,7 @@ def _key_to_float(u: int, by_abs: bool) -> float:
     """Inverse of `_keys` for an unsigned (sign-flipped) key."""
     i = _to_i32(u ^ 0x80000000)
     if i < 0 and not by_abs:
-        i ^= 0x7FFFFFFF
+        i = (i - 1) ^ 0x7FFFFFFF
     return torch.tensor([i], dtype=torch.int32).view(torch.float32).item()
 
 
@@ -174,9 +176,8 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
                 continue
             key = _keys(shard, by_abs)
             cand = eligibles[i]
-            if r == 0:
-                # exponent all ones <=> inf or nan (the check ignores ineligible entries)
-                nonfinite = (key & 0x7FFFFFFF) >= 0x7F800000
+            if r == 0:  # NaN/inf among eligible entries (ineligible scores are ignored)
+                nonfinite = ~torch.isfinite(_fp32(shard))
                 bad[i] = int((nonfinite if cand is None else nonfinite & cand).sum())
             u = key ^ _INT_MIN  # byte order of u (as unsigned) == key order
             if r > 0:
@@ -185,7 +186,7 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
             byte = (u >> shift) & 0xFF
             if cand is not None:
                 byte = byte[cand]
-            hist[g] += torch.bincount(byte.long(), minlength=256)
+            hist[g] += torch.bincount(byte, minlength=256)
         if r == 0:
             flat = reduce(torch.cat([hist.reshape(-1), bad, sizes]))
             n_h = n_groups * 256
@@ -206,20 +207,16 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
                 break
         else:
             hist = reduce(hist)
+        # per group: the bin where the cumulative count first reaches k_rem; drop the
+        # counts of lower bins from k_rem and append the bin to the prefix
         cum = hist.cumsum(1)
-        for g in range(n_groups):
-            if not active[g]:
-                continue
-            b = int(torch.searchsorted(cum[g], k_rem[g]))  # first bin with cum >= k_rem
-            k_rem[g] -= int(cum[g, b - 1]) if b > 0 else 0
-            prefix[g] |= b << shift
-
-    keep = []
-    if not any(active):
-        for i, shard in enumerate(shards):
-            e = eligibles[i]
-            keep.append(e.clone() if e is not None else torch.ones(shard.numel, dtype=torch.bool))
-        return Selection(keep, ks, [None] * n_groups, elig_counts, totals)
+        k_t = torch.tensor(k_rem, dtype=torch.int64)
+        bins = (cum < k_t[:, None]).sum(1)
+        lower = torch.cat([torch.zeros(n_groups, 1, dtype=torch.int64), cum], 1).gather(1, bins[:, None])[:, 0]
+        for g, (b, lo) in enumerate(zip(bins.tolist(), lower.tolist())):
+            if active[g]:
+                k_rem[g] -= lo
+                prefix[g] |= b << shift
 
     # Ties at the threshold: count this rank's per shard, gather, then prune the first
     # ones in the canonical order (param index, global flat index) over all ranks. The
@@ -240,12 +237,14 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
         ties[1, i] = shard.flat_start
         if live[i]:
             ties[0, i] = int(below_and_at(i)[1].sum())
-    per_rank = torch.stack(comm.all_gather(ties)) if comm is not None else ties[None]
-    my_rank = comm.rank if comm is not None else 0
+    # (skipped consistently on every rank when nothing is selected)
+    per_rank = torch.stack(comm.all_gather(ties)) if comm is not None and any(active) else ties[None]
+    my_rank = comm.rank if per_rank.shape[0] > 1 else 0
     counts, starts = per_rank[:, 0], per_rank[:, 1]  # [W, num_shards]
     tie_totals = counts.sum(0).tolist()
     earlier = [0] * n_groups  # ties held by lower-index params of the same group, all ranks
     ranks = torch.arange(per_rank.shape[0])
+    keep = []
     for i, shard in enumerate(shards):
         g = groups[i]
         e = eligibles[i]

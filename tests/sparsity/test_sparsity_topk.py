@@ -89,6 +89,8 @@ def test_signed_scores_zero_signs_and_abs():
     x = torch.tensor([0.0, -0.0, -1.5, 2.0, -3.0, 1e-30, -1e-30])
     # signed order: -3, -1.5, -1e-30, then +0 == -0 (tie, index order), 1e-30, 2
     assert select_bottom_k([ShardScores(x)], 4).keep[0].tolist() == [False, True, False, True, False, True, False]
+    assert select_bottom_k([ShardScores(x)], 2).threshold == [-1.5]
+    assert select_bottom_k([ShardScores(x)], 3).threshold == [pytest.approx(-1e-30, rel=1e-6)]
     # by |x|: 0, 0, 1e-30, 1e-30 (ties by index), then 1.5
     sel = select_bottom_k([ShardScores(x)], 5, by_abs=True)
     assert sel.keep[0].tolist() == [False, False, False, True, True, False, False]
@@ -107,10 +109,11 @@ def test_edge_counts_and_errors():
     # ineligible entries are never selected and stay pruned; their scores may be NaN
     y = torch.tensor([3.0, float("nan"), 2.0])
     assert select_bottom_k([ShardScores(y, name="w", eligible=e)], 1).keep[0].tolist() == [True, False, False]
-    for bad in (float("nan"), float("inf"), -float("inf")):
-        with pytest.raises(ValueError, match=r"layers\.1\.weight"):
-            select_bottom_k([ShardScores(x, name="layers.0.weight"),
-                             ShardScores(torch.tensor([1.0, bad]), name="layers.1.weight")], 1, by_abs=True)
+    for bad in (float("nan"), -float("nan"), float("inf"), -float("inf")):
+        for by_abs in (False, True):
+            with pytest.raises(ValueError, match=r"layers\.1\.weight"):
+                select_bottom_k([ShardScores(x, name="layers.0.weight"),
+                                 ShardScores(torch.tensor([1.0, bad]), name="layers.1.weight")], 1, by_abs=by_abs)
 
 
 def test_matches_brute_force_single_process():
