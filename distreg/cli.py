@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     p.set_defaults(fn=_train)
 
+    from distreg import submit
+
+    p = sub.add_parser("submit", help="submit a config to a Ray cluster as a Ray job")
+    submit.add_arguments(p)
+    p.set_defaults(fn=submit.run)
+
     cfg = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     p = cfg.add_parser("show", help="print the resolved config")
     _add_config_args(p)

@@ -85,8 +85,9 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
     cfg = resolve_paths(cfg)
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
-        ray.init(address=address or None,
-                 log_to_driver=True, runtime_env={"env_vars": _worker_env(cfg)})
+        # Worker environment travels in the TorchTrainer's worker_runtime_env, not here:
+        # inside a `ray job submit` job the job's runtime_env must not be overridden.
+        ray.init(address=address or None, log_to_driver=True)
     check_resources(cfg)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}

@@ -79,6 +79,8 @@ class HookContext:
     grad_accum_steps: int = 1
     shards_fn: Callable[[], list[ParamShard]] | None = None
     sharded: bool = False  # whether parameters are split across ranks
+    run_dir: str = "."  # where hooks may write files (plots, reports)
+    artifact_fn: Callable[[str, str | None], None] | None = None  # MLflow upload, rank 0 only
 
     @property
     def rank(self) -> int:
@@ -93,6 +95,11 @@ class HookContext:
         if self.shards_fn is None:
             raise RuntimeError("local_shards() is only available after the model is sharded (on_train_start onward)")
         return self.shards_fn()
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        """Upload a file to the run's MLflow artifacts (rank 0; a no-op elsewhere)."""
+        if self.artifact_fn is not None:
+            self.artifact_fn(local_path, artifact_path)
 
     def sum_over_shards(self, tensor: torch.Tensor) -> torch.Tensor:
         """Complete a sum of per-shard partial results: all-reduce when parameters are

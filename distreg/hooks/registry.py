@@ -17,7 +17,7 @@ def register(cls: type[Hook]) -> type[Hook]:
 
 def _load_builtin() -> None:
     # Importing a hook module registers its hooks.
-    from distreg.hooks import param_norm  # noqa: F401
+    from distreg.hooks import fault, param_norm  # noqa: F401
 
 
 def available() -> list[str]:

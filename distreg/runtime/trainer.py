@@ -8,8 +8,11 @@ Per optimizer step:
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +32,8 @@ from distreg.tracking.progress import Progress
 @dataclass
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global step loss
+    step_times: list[float] = field(default_factory=list)  # seconds, this process's steps
+    tokens_per_s: list[float] = field(default_factory=list)
     final_step: int = 0
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
@@ -52,7 +57,7 @@ class Trainer:
         model = self.strategy.create_model(
             lambda device, init: build_model(cfg.model, cfg.train.seed, device, init), lazy)
         self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
-                               grad_accum_steps=cfg.train.grad_accum_steps)
+                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=cfg.run_dir)
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
@@ -109,15 +114,16 @@ class Trainer:
         cfg = self.cfg
         last = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
         result = TrainResult()
-        if resume:
-            self._resume()
-        for hook in self.hooks:
-            hook.on_train_start(self.ctx)
         if self.tracker is not None:
             from distreg.tracking.mlflow_tracker import run_tags
 
             result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size), cfg.to_yaml())
             result.tracking_uri = self.tracker.uri
+            self.ctx.artifact_fn = self.tracker.log_artifact
+        if resume:
+            self._resume()
+        for hook in self.hooks:
+            hook.on_train_start(self.ctx)
         progress = Progress(cfg.train.max_steps, self.step, cfg.train.log_every, enabled=self.is_main)
         status = "FAILED"
         try:
@@ -126,6 +132,8 @@ class Trainer:
                 loss, grad_norm, counts = self.train_step()
                 dt = time.perf_counter() - t0
                 result.losses[self.step] = loss
+                result.step_times.append(dt)
+                result.tokens_per_s.append(counts.tokens / dt)
                 self._log(loss, grad_norm, counts, dt)
                 progress.update(self.step, loss, counts.tokens / dt, self.data.unit + "/s")
                 every = cfg.checkpoint.every
@@ -137,6 +145,8 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.finish(status)
         result.final_step = self.step
+        if self.is_main:
+            write_summary(Path(cfg.run_dir) / "summary.json", result, cfg, self.comm.world_size)
         return result
 
     def _log(self, loss: float, grad_norm: float, counts: StepCounts, dt: float) -> None:
@@ -174,6 +184,28 @@ class Trainer:
             hook.load_state_dict(state)
         if self.is_main:
             print(f"resumed from {path} (step {step})")
+
+
+def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: int) -> None:
+    """`<run_dir>/summary.json`: what benchmark suites and scripts read after a run."""
+    import resource
+
+    times = sorted(result.step_times) or [float("nan")]
+    summary = {
+        "final_step": result.final_step,
+        "final_loss": result.losses.get(result.final_step),
+        "strategy": cfg.strategy.name, "world_size": world_size,
+        "step_time_p50_s": times[len(times) // 2], "step_time_p90_s": times[int(0.9 * (len(times) - 1))],
+        "tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+        "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
+        "losses": {str(k): v for k, v in sorted(result.losses.items())[-100:]},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
 
 
 def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
