@@ -87,7 +87,9 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
         address = os.environ.get("RAY_ADDRESS")
         # Worker environment travels in the TorchTrainer's worker_runtime_env, not here:
         # inside a `ray job submit` job the job's runtime_env must not be overridden.
-        ray.init(address=address or None, log_to_driver=True)
+        # No RAY_ADDRESS: a fresh local cluster ("local"), never a stray one found on
+        # this machine.
+        ray.init(address=address or "local", log_to_driver=True)
     check_resources(cfg)
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}

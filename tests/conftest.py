@@ -34,6 +34,6 @@ def ray_cluster():
     """One local Ray cluster for every test that needs one."""
     import ray
 
-    ray.init(num_cpus=4, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+    ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield
     ray.shutdown()

@@ -1,0 +1,86 @@
+"""Cluster paths: `ray job submit` against `ray start --head` with token auth, and a
+worker killed mid-run that Ray Train replaces, the run resuming from its checkpoint."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from distreg.testing import free_port, run_distributed
+from tests.conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real head node on 127.0.0.1 with token authentication on."""
+    home = tmp_path_factory.mktemp("rayhome")
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(home)}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    dash = free_port()
+    start = ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
+             "--disable-usage-stats"]
+    proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield env, f"http://127.0.0.1:{dash}"
+    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_ray_job_submit_runs_a_config(ray_head, token_data, tmp_path):
+    env, address = ray_head
+    run_dir = tmp_path / "job"
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
+           "--runtime-env-json", json.dumps({"env_vars": {"DS_ACCELERATOR": "cpu"},
+                                             "excludes": [".git", "runs", "data", "*.egg-info"]}),
+           "--", "python", "-m", "distreg.cli", "train", "configs/quickstart.yaml",
+           "--set", f"data.path={token_data}", "--set", f"run_dir={run_dir}", "--set", "train.max_steps=4",
+           "--set", "data.seq_len=32", "--set", "train.global_batch_size=8"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "distreg: training finished" in proc.stdout
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{run_dir}/mlflow.db")
+    run = client.get_run((run_dir / "mlflow_run_id").read_text().strip())
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "train/loss")) == [1, 2, 3, 4]
+
+
+def test_submit_without_token_is_refused(ray_head, tmp_path):
+    env, address = ray_head
+    no_token = {**env, "HOME": str(tmp_path)}  # no ~/.ray/auth_token here
+    proc = subprocess.run([sys.executable, "-m", "distreg.cli", "submit", "configs/quickstart.yaml",
+                           "--address", address, "--no-wait"], cwd=REPO, env=no_token, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+
+
+def _straight(data: str, run_dir: str, overrides: dict) -> dict:
+    from distreg.runtime.trainer import train_worker
+
+    return train_worker(tiny_config(data, run_dir, **overrides).model_dump(mode="json"), track=False).losses
+
+
+def test_killed_worker_is_replaced_and_resumes(ray_cluster, token_data, tmp_path):
+    from distreg.launch import launch
+
+    common = {"scaling.num_workers": 2, "train.max_steps": 8, "checkpoint.every": 3, "optim.lr": 0.01}
+    run_dir = tmp_path / "faulty"
+    cfg = tiny_config(token_data, str(run_dir), **common, **{
+        "scaling.max_failures": 1, "hooks": f"[{{name: fail_once, step: 5, rank: 1, run_dir: '{run_dir}'}}]"})
+    info = launch(cfg)
+    assert (run_dir / ".fail_once.fired").exists()  # the worker really died at step 5
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert info["step"] == summary["final_step"] == 8
+    # The surviving attempt resumed from the step-3 checkpoint: it ran steps 4..8 only.
+    assert sorted(int(s) for s in summary["losses"]) == [4, 5, 6, 7, 8]
+    straight = run_distributed(_straight, 2, token_data, str(tmp_path / "straight"), common)[0]
+    assert summary["final_loss"] == pytest.approx(straight[8], abs=1e-6)
