@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_data_commands(sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True))
 
+    from distreg import bench
+
+    bench.add_commands(sub.add_parser("bench", help="benchmark suites").add_subparsers(dest="bench_command", required=True))
+
     p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
     p.add_argument("run_dir")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the run's sqlite)")

@@ -83,7 +83,14 @@ def run(args) -> int:
     from distreg.config import load_config
 
     load_config(args.config, args.overrides)
-    return submit(args.address, args.config, args.overrides, args.resume, args.wait, args.working_dir, args.env)
+    try:
+        return submit(args.address, args.config, args.overrides, args.resume, args.wait, args.working_dir, args.env)
+    except Exception as e:  # noqa: BLE001 - turn Ray's auth failure into one clear line
+        if type(e).__name__ != "AuthenticationError":
+            raise
+        print(f"distreg submit: {args.address} requires a Ray auth token (token auth is on); set RAY_AUTH_TOKEN, "
+              "RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token to the cluster's token", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

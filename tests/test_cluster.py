@@ -60,7 +60,8 @@ def test_submit_without_token_is_refused(ray_head, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distreg.cli", "submit", "configs/quickstart.yaml",
                            "--address", address, "--no-wait"], cwd=REPO, env=no_token, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode != 0
+    assert proc.returncode == 2
+    assert "requires a Ray auth token" in proc.stderr
 
 
 def _straight(data: str, run_dir: str, overrides: dict) -> dict:
