@@ -85,3 +85,11 @@ def test_killed_worker_is_replaced_and_resumes(ray_cluster, token_data, tmp_path
     assert sorted(int(s) for s in summary["losses"]) == [4, 5, 6, 7, 8]
     straight = run_distributed(_straight, 2, token_data, str(tmp_path / "straight"), common)[0]
     assert summary["final_loss"] == pytest.approx(straight[8], abs=1e-6)
+
+
+def test_too_few_resources_fail_fast(ray_cluster, token_data, tmp_path):
+    from distreg.launch import launch
+
+    cfg = tiny_config(token_data, str(tmp_path / "big"), **{"scaling.num_workers": 2, "scaling.cpus_per_worker": 64})
+    with pytest.raises(SystemExit, match=r"lacks resources for 2 workers \(CPU: need 128, cluster has 4\)"):
+        launch(cfg)
