@@ -19,6 +19,11 @@ def _train(args) -> int:
     from distreg.data.tokens import DataError
 
     cfg = load_config(args.config, args.overrides)
+    if args.dry_run:
+        from distreg.plan import format_plan, plan
+
+        print(format_plan(plan(cfg)))
+        return 0
     # Check the data before any worker starts: a missing path is named here, not in a
     # worker's traceback.
     try:
@@ -28,6 +33,13 @@ def _train(args) -> int:
     from distreg.launch import launch, print_summary
 
     print_summary(launch(cfg, resume=args.resume))
+    return 0
+
+
+def _plan(args) -> int:
+    from distreg.plan import format_plan, plan
+
+    print(format_plan(plan(load_config(args.config, args.overrides), args.world_size)))
     return 0
 
 
@@ -50,7 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a config on Ray (local cluster, or RAY_ADDRESS)")
     _add_config_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="print the model and per-rank memory plan; train nothing")
     p.set_defaults(fn=_train)
+
+    p = sub.add_parser("plan", help="model size and per-rank memory under the configured sharding (meta device)")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, default=None, help="default: scaling.num_workers")
+    p.set_defaults(fn=_plan)
 
     from distreg import submit
 

@@ -1,0 +1,79 @@
+"""`distreg plan` / `distreg train --dry-run`: the model and its per-rank memory under
+the configured sharding, computed from a model built on the meta device (no weights
+are allocated, so the 7B plan runs on a laptop).
+
+Per-rank bytes, for the rank holding the most (shards can be uneven):
+  params      the optimizer's master copy (fp32)       DDP/ZeRO-1/2: whole; FSDP2/ZeRO-3: shard
+  grads       reduced gradients (fp32)                 DDP/ZeRO-1: whole; ZeRO-2/3, FSDP2: shard
+  optimizer   AdamW moments, 2 x fp32 (SGD+momentum 1) DDP: whole; ZeRO-1/2/3, FSDP2: shard
+  gathered    FSDP2/ZeRO-3 only: the largest unsharded block in param_dtype during its
+              forward/backward (the transient all-gather buffer)
+Activations are not included (they depend on micro-batch size and checkpointing).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from distreg.config import RunConfig
+from distreg.hooks.registry import build_hooks
+from distreg.models import build_model, transformer_blocks
+
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+def _shard_numel(shape: torch.Size, world: int, rank: int, how: str) -> int:
+    n = shape.numel()
+    if how == "whole":
+        return n
+    if how == "rows":  # FSDP2 Shard(0): torch.chunk over dim 0
+        rows = shape[0] if len(shape) else 1
+        chunk = math.ceil(rows / world)
+        mine = max(0, min(chunk, rows - rank * chunk))
+        return mine * (n // max(rows, 1))
+    part = math.ceil(n / world)  # ZeRO: flat partition (the last rank's is padded)
+    return part
+
+
+def plan(cfg: RunConfig, world_size: int | None = None) -> dict:
+    world = world_size or cfg.scaling.num_workers
+    model = build_model(cfg.model, cfg.train.seed, device="meta")
+    s = cfg.strategy
+    sharded_params = s.name == "fsdp2" or (s.name == "deepspeed" and s.zero_stage == 3)
+    how = "rows" if s.name == "fsdp2" else "flat"
+    param_how = how if sharded_params else "whole"
+    grad_how = how if (s.name == "fsdp2" or (s.name == "deepspeed" and s.zero_stage >= 2)) else "whole"
+    opt_how = "whole" if s.name == "ddp" else how
+    moments = 2 if cfg.optim.name == "adamw" else (1 if cfg.optim.momentum else 0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    per_rank = []
+    for rank in range(world):
+        p = sum(_shard_numel(t.shape, world, rank, param_how) for t in trainable)
+        g = sum(_shard_numel(t.shape, world, rank, grad_how) for t in trainable)
+        o = sum(_shard_numel(t.shape, world, rank, opt_how) for t in trainable)
+        per_rank.append((p, g, o))
+    p, g, o = max(per_rank, key=lambda x: sum(x))
+    gathered = 0
+    if sharded_params:
+        blocks = transformer_blocks(model) or [model]
+        gathered = max(sum(t.numel() for t in b.parameters()) for b in blocks) * _BYTES[s.mixed_precision.param_dtype]
+    hooks = build_hooks(cfg.hooks)
+    hook_bytes = {h.name: h.plan_memory_bytes(p) for h in hooks if hasattr(h, "plan_memory_bytes")}
+    total = sum(t.numel() for t in model.parameters())
+    return {
+        "world_size": world, "strategy": s.name if s.name != "deepspeed" else f"deepspeed ZeRO-{s.zero_stage}",
+        "params": total, "trainable": sum(t.numel() for t in trainable),
+        "bytes": {"params": 4 * p, "grads": 4 * g, "optimizer": 4 * moments * o, "gathered": gathered, **{f"hook:{k}": v for k, v in hook_bytes.items()}},
+    }
+
+
+def format_plan(info: dict) -> str:
+    gib = 2**30
+    lines = [f"model: {info['params'] / 1e9:.3f}B parameters ({info['trainable'] / 1e9:.3f}B trainable)",
+             f"sharding: {info['strategy']} over {info['world_size']} ranks",
+             "per-rank memory (largest rank, activations excluded):"]
+    for key, value in info["bytes"].items():
+        lines.append(f"  {key:<12} {value / gib:8.2f} GiB")
+    lines.append(f"  {'total':<12} {sum(info['bytes'].values()) / gib:8.2f} GiB")
+    return "\n".join(lines)

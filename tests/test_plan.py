@@ -1,0 +1,42 @@
+"""`distreg plan`: the 7B model on the meta device and per-rank memory by hand formula."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from distreg.config import load_config
+from distreg.plan import plan
+
+N_7B = 6_738_415_616  # Llama-2-7B parameter count
+BLOCK_7B = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + SwiGLU + 2 norms
+
+
+@pytest.mark.parametrize("strategy,stage,expect", [
+    # (params, grads, optimizer) bytes per rank at world 32; every 7B dim divides by 32.
+    ("fsdp2", 3, (4 * N_7B // 32, 4 * N_7B // 32, 8 * N_7B // 32)),
+    ("deepspeed", 2, (4 * N_7B, None, None)),  # params whole; grads/optimizer sharded (flat, padded)
+    ("ddp", 3, (4 * N_7B, 4 * N_7B, 8 * N_7B)),
+])
+def test_7b_per_rank_memory(strategy, stage, expect):
+    cfg = load_config(None, ["model.preset=llama2-7b", f"strategy.name={strategy}", f"strategy.zero_stage={stage}",
+                             "strategy.mixed_precision.param_dtype=bf16", "scaling.num_workers=32",
+                             "train.global_batch_size=64"])
+    info = plan(cfg)
+    assert info["params"] == N_7B
+    got = info["bytes"]
+    for key, value in zip(("params", "grads", "optimizer"), expect):
+        if value is not None:
+            assert got[key] == value, key
+    if strategy == "deepspeed":
+        assert 8 * N_7B // 32 <= got["optimizer"] <= 8 * (N_7B // 32 + 292)  # <= one element of padding per tensor
+    assert got["gathered"] == (2 * BLOCK_7B if strategy == "fsdp2" else 0)
+
+
+def test_dry_run_prints_plan_without_training():
+    proc = subprocess.run([sys.executable, "-m", "distreg.cli", "train", "configs/quickstart.yaml", "--dry-run",
+                           "--set", "model.preset=llama2-7b", "--set", "scaling.num_workers=8"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "6.738B parameters" in proc.stdout and "fsdp2 over 8 ranks" in proc.stdout
