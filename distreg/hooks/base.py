@@ -80,6 +80,8 @@ class HookContext:
     shards_fn: Callable[[], list[ParamShard]] | None = None
     sharded: bool = False  # whether parameters are split across ranks
     run_dir: str = "."  # where hooks may write files (plots, reports)
+    num_samples: int | None = None  # size of the sample index space (per-sample stores)
+    epoch_fn: Callable[[], int] | None = None  # the data position's current epoch
     artifact_fn: Callable[[str, str | None], None] | None = None  # MLflow upload, rank 0 only
 
     @property
@@ -95,6 +97,10 @@ class HookContext:
         if self.shards_fn is None:
             raise RuntimeError("local_shards() is only available after the model is sharded (on_train_start onward)")
         return self.shards_fn()
+
+    @property
+    def epoch(self) -> int:
+        return self.epoch_fn() if self.epoch_fn is not None else 0
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         """Upload a file to the run's MLflow artifacts (rank 0; a no-op elsewhere)."""

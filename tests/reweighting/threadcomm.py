@@ -1,0 +1,80 @@
+"""In-process stand-in for `distreg.runtime.comm.Comm` over W threads (tests only): lets the
+rank-invariance tests try several world sizes and uneven/empty splits without spawning
+processes. The real gloo path is covered once in test_reweighting_gloo.py."""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+
+class _Shared:
+    def __init__(self, world_size: int):
+        self.world_size = world_size
+        self.slots: list = [None] * world_size
+        self.barrier = threading.Barrier(world_size, timeout=60)
+
+
+class ThreadComm:
+    """Same collective semantics as `Comm`: in-place all_reduce, rank-ordered all_gather,
+    all_gather_uneven; `calls` counts collective rounds."""
+
+    def __init__(self, rank: int, shared: _Shared):
+        self.rank, self.world_size, self._s = rank, shared.world_size, shared
+        self.calls = 0
+
+    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
+        self.calls += 1
+        self._s.slots[self.rank] = t.detach().clone()
+        self._s.barrier.wait()
+        out = [x.clone() for x in self._s.slots]
+        self._s.barrier.wait()
+        return out
+
+    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        parts = self._exchange(t)
+        red = {"sum": lambda a, b: a + b, "max": torch.maximum, "min": torch.minimum}[op]
+        acc = parts[0]
+        for p in parts[1:]:
+            acc = red(acc, p)
+        return t.copy_(acc)
+
+    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = self._exchange(t)
+        if any(p.shape != t.shape or p.dtype != t.dtype for p in parts):
+            raise RuntimeError("all_gather needs equal shapes and dtypes on every rank")
+        return parts
+
+    def all_gather_uneven(self, t: torch.Tensor) -> list[torch.Tensor]:
+        parts = self._exchange(t)
+        if any(p.shape[1:] != t.shape[1:] or p.dtype != t.dtype for p in parts):
+            raise RuntimeError("all_gather_uneven needs equal trailing shapes and dtypes")
+        return parts
+
+    def barrier(self) -> None:
+        self._exchange(torch.zeros(1))
+
+
+def run_threads(fn, world_size: int, *args) -> list:
+    """Call `fn(comm, *args)` on `world_size` threads; returns per-rank results. An exception
+    on any rank is re-raised (other ranks are released from their barrier)."""
+    shared = _Shared(world_size)
+    results: list = [None] * world_size
+    errors: list = []
+
+    def body(rank: int) -> None:
+        try:
+            results[rank] = fn(ThreadComm(rank, shared), *args)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append((rank, e))
+            shared.barrier.abort()
+
+    threads = [threading.Thread(target=body, args=(r,)) for r in range(world_size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        first = next((e for _, e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0][1])
+        raise first
+    return results
