@@ -18,7 +18,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """A real head node on 127.0.0.1 with token authentication on."""
+    """A real head node on 127.0.0.1 with token authentication on.
+
+    It gets its own temp dir, and teardown kills exactly the processes whose command
+    line names it: `ray stop` would also kill the other Ray cluster of this session."""
+    import psutil
+
     home = tmp_path_factory.mktemp("rayhome")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
@@ -26,11 +31,14 @@ def ray_head(tmp_path_factory):
     dash = free_port()
     start = ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
-             "--disable-usage-stats"]
+             "--ray-client-server-port", str(free_port()), "--temp-dir", str(home / "ray"), "--disable-usage-stats"]
     proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     yield env, f"http://127.0.0.1:{dash}"
-    subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
+    mine = [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
+    for p in mine:
+        p.kill()
+    psutil.wait_procs(mine, timeout=30)
 
 
 def test_ray_job_submit_runs_a_config(ray_head, token_data, tmp_path):
