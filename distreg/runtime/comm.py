@@ -28,20 +28,31 @@ class Comm:
         self.enabled = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank(group) if self.enabled else 0
         self.world_size = dist.get_world_size(group) if self.enabled else 1
+        # NCCL only moves CUDA tensors; small CPU statistics (counts, losses) travel
+        # through the current GPU and come back to the CPU.
+        nccl = self.enabled and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else None
+
+    def _to_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device) if self.device is not None and tensor.device.type == "cpu" else tensor
 
     def all_reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         """In-place all-reduce; returns `tensor` for chaining."""
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=_OPS[op], group=self.group)
+            wire = self._to_wire(tensor)
+            dist.all_reduce(wire, op=_OPS[op], group=self.group)
+            if wire is not tensor:
+                tensor.copy_(wire)
         return tensor
 
     def all_gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Gather equally-shaped tensors from every rank, in rank order."""
         if self.world_size == 1:
             return [tensor]
-        out = [torch.empty_like(tensor) for _ in range(self.world_size)]
-        dist.all_gather(out, tensor.contiguous(), group=self.group)
-        return out
+        wire = self._to_wire(tensor.contiguous())
+        out = [torch.empty_like(wire) for _ in range(self.world_size)]
+        dist.all_gather(out, wire, group=self.group)
+        return [o.to(tensor.device) for o in out] if wire is not tensor else out
 
     def all_gather_uneven(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Gather tensors whose first dimension differs between ranks, in rank order."""
@@ -55,7 +66,10 @@ class Comm:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         if self.world_size > 1:
-            dist.broadcast(tensor, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+            wire = self._to_wire(tensor)
+            dist.broadcast(wire, src=dist.get_global_rank(self.group, src) if self.group else src, group=self.group)
+            if wire is not tensor:
+                tensor.copy_(wire)
         return tensor
 
     def broadcast_object(self, obj, src: int = 0):
