@@ -17,6 +17,7 @@ a different number of ranks continues the same sample sequence.
 from __future__ import annotations
 
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 
@@ -25,35 +26,10 @@ from fsspec.implementations.local import LocalFileSystem
 import numpy as np
 import torch
 
-FORMAT = "distreg-tokens/1"
-_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
-
-
-class DataError(RuntimeError):
-    """Bad or missing data; the message names the path or shard."""
-
-
-def dtype_for_vocab(vocab_size: int) -> str:
-    return "uint16" if vocab_size <= 2**16 else "uint32"
-
-
-def write_token_shards(url: str, token_arrays: list[np.ndarray], vocab_size: int) -> None:
-    """Write one shard per array plus `index.json` (written last, so a half-written
-    dataset has no index and is refused rather than read short)."""
-    fs, root = fsspec.core.url_to_fs(url)
-    fs.makedirs(root, exist_ok=True)
-    dtype = dtype_for_vocab(vocab_size)
-    shards = []
-    for i, arr in enumerate(token_arrays):
-        if arr.size and (arr.min() < 0 or arr.max() >= vocab_size):
-            raise ValueError(f"shard {i}: token ids outside [0, {vocab_size})")
-        name = f"shard_{i:05d}.bin"
-        with fs.open(posixpath.join(root, name), "wb") as f:
-            f.write(np.asarray(arr, dtype=_DTYPES[dtype]).tobytes())
-        shards.append({"file": name, "num_tokens": int(arr.size)})
-    index = {"format": FORMAT, "dtype": dtype, "vocab_size": vocab_size, "shards": shards}
-    with fs.open(posixpath.join(root, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+# DataError and the format's writers live in torch-free modules; re-exported here.
+from distreg.data.errors import DataError  # noqa: F401
+from distreg.data.token_format import (  # noqa: F401
+    _DTYPES, FORMAT, dtype_for_vocab, write_index, write_shard, write_token_shards)
 
 
 def synth_tokens(url: str, num_tokens: int = 200_000, vocab_size: int = 256, num_shards: int = 4, seed: int = 0) -> None:
@@ -82,10 +58,15 @@ class _Shard:
 
 
 class TokenDataset:
-    """Random access to the windows of a token dataset, through fsspec."""
+    """Random access to the windows of a token dataset, through fsspec.
 
-    def __init__(self, url: str, seq_len: int):
+    A shard whose size disagrees with `index.json` (truncated, missing) is an error
+    naming it; with `skip_corrupt=True` it is left out instead and listed in
+    `self.skipped`, which the data source reports as a metric."""
+
+    def __init__(self, url: str, seq_len: int, skip_corrupt: bool = False):
         self.url, self.seq_len = url, seq_len
+        self.skipped: list[str] = []
         self.fs, self.root = fsspec.core.url_to_fs(url)
         index_path = posixpath.join(self.root, "index.json")
         if not self.fs.exists(index_path):
@@ -103,8 +84,15 @@ class TokenDataset:
             expected = entry["num_tokens"] * self.dtype.itemsize
             actual = self.fs.size(path) if self.fs.exists(path) else None
             if actual != expected:
-                raise DataError(f"shard {path}: index.json says {entry['num_tokens']} tokens ({expected} bytes) "
-                                f"but the file has {actual if actual is not None else 'no'} bytes (truncated or missing)")
+                where = "missing" if actual is None else (f"truncated at byte offset {actual}, token {actual // self.dtype.itemsize}"
+                                                          if actual < expected else "longer than indexed")
+                msg = (f"shard {path}: index.json says {entry['num_tokens']} tokens ({expected} bytes) "
+                       f"but the file has {actual if actual is not None else 'no'} bytes ({where})")
+                if not skip_corrupt:
+                    raise DataError(msg)
+                logging.getLogger("distreg.data").warning("data.skip_corrupt: skipping %s", msg)
+                self.skipped.append(msg)
+                continue
             n = max(0, (entry["num_tokens"] - 1) // seq_len)
             self.shards.append(_Shard(path, entry["num_tokens"], first, n))
             first += n
@@ -134,7 +122,7 @@ class TokenDataset:
         return self._tokens(s)[start : start + self.seq_len + 1]
 
     def batch(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        windows = np.stack([self.window(int(i)) for i in indices]).astype(np.int64)
+        windows = np.stack([self.window(i) for i in indices.tolist()]).astype(np.int64)
         w = torch.from_numpy(windows)
         return {"input": w[:, :-1], "target": w[:, 1:], "index": indices.clone()}
 
@@ -184,8 +172,13 @@ class TokenBatches:
             out.append(self.ds.batch(step_indices[lo : lo + self.micro]))
         return out
 
+    @property
+    def num_samples(self) -> int:
+        """Size of the global sample index space (per-sample stores key on `index`)."""
+        return len(self.ds)
+
     def metrics(self) -> dict[str, float]:
-        return {"data/epoch": float(self.epoch)}
+        return {"data/epoch": float(self.epoch), "data/skipped_shards": float(len(self.ds.skipped))}
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed, "seed": self.seed, "num_samples": len(self.ds)}
