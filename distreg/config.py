@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -39,16 +39,88 @@ class ModelConfig(_Strict):
     # "meta": build without weights, shard, then initialise each rank's slice (FSDP2,
     # ZeRO-3); for models too large to build whole on one rank. Same values as "cpu".
     init_device: Literal["cpu", "meta"] = "cpu"
+    # Mixture of experts (llama): 0 = dense SwiGLU everywhere. Experts are spread over the
+    # ranks (expert parallelism: moe_num_experts divisible by scaling.num_workers).
+    moe_num_experts: int = Field(0, ge=0)
+    moe_top_k: int = Field(2, ge=1)  # experts per token
+    moe_capacity_factor: float = Field(1.25, gt=0)  # capacity = ceil(cf * group_size * top_k / experts)
+    moe_layers: Literal["all"] | list[int] = "all"  # block indices with an MoE feed-forward
+    moe_router: str = "topk"  # routing function (distreg.models.moe.resolve_router)
+    moe_aux_loss_coef: float = Field(0.01, ge=0)  # load-balancing loss (global statistics)
+    moe_z_loss_coef: float = Field(0.001, ge=0)  # router z-loss
+    # Tokens per routing group (capacity is per group); 0 = a rank's whole micro-batch,
+    # which depends on the world size. Fix it (e.g. to data.seq_len) for rank invariance.
+    moe_group_size: int = Field(0, ge=0)
+    moe_ffn_dim: int | None = Field(None, gt=0)  # hidden size of each expert (default: ffn_dim)
     # torchvision
     arch: str = "resnet50"
     num_classes: int = 1000
 
+    @model_validator(mode="after")
+    def _moe(self) -> "ModelConfig":
+        if not self.moe_num_experts:
+            return self
+        if self.kind != "llama":
+            raise ValueError("model.moe_num_experts > 0 needs model.kind=llama")
+        if self.moe_top_k > self.moe_num_experts:
+            raise ValueError(f"model.moe_top_k={self.moe_top_k} exceeds model.moe_num_experts={self.moe_num_experts}")
+        if isinstance(self.moe_layers, list):
+            if not self.moe_layers or min(self.moe_layers) < 0 or len(set(self.moe_layers)) != len(self.moe_layers):
+                raise ValueError(f"model.moe_layers: expected 'all' or distinct block indices >= 0, got {self.moe_layers}")
+        from distreg.models.moe import available_routers  # lazy: torch
+
+        if self.moe_router not in available_routers():
+            raise ValueError(f"model.moe_router: unknown router {self.moe_router!r}; "
+                             f"available: {', '.join(available_routers())}")
+        return self
+
+
+class MixtureSourceConfig(_Strict):
+    """One component of `data.kind: mixture`: a token dataset and its sampling weight."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+    weight: float = Field(gt=0)
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, path: str) -> str:
+        # Made absolute where the config is loaded (the driver): Ray workers run in other
+        # directories, and launch.resolve_paths only knows data.path.
+        if "://" in path and not path.startswith("file://"):
+            return path
+        return str(Path(path.removeprefix("file://")).resolve())
+
 
 class DataConfig(_Strict):
-    kind: Literal["tokens"] = "tokens"
+    # tokens: one token dataset at `path`; mixture: the token datasets of `sources`;
+    # imagenet: a webdataset split (manifest.json) at `path`, e.g. DEST/train.
+    kind: Literal["tokens", "imagenet", "mixture"] = "tokens"
     path: str = "data/quickstart_tokens"
     seq_len: int = Field(64, gt=0)
     shuffle: bool = True
+    # A truncated token shard, corrupt tar member or undecodable image is an error
+    # naming the shard and member/offset; true: skip it, count it (data/skipped_* metrics).
+    skip_corrupt: bool = False
+    # mixture
+    sources: list[MixtureSourceConfig] = []
+    # imagenet
+    image_size: int = Field(224, gt=0)  # train: RandomResizedCrop; val: resize size*256/224 + centre crop
+    transform: Literal["train", "val"] = "train"
+    num_workers: int = Field(0, ge=0)  # decode processes per rank (torch DataLoader workers)
+    prefetch: int = Field(2, gt=0)  # micro-batches each decode worker prepares ahead
+
+    @model_validator(mode="after")
+    def _kind_needs(self) -> "DataConfig":
+        if self.kind == "mixture":
+            if not self.sources:
+                raise ValueError("data.kind=mixture needs data.sources: [{name, path, weight}, ...]")
+            names = [s.name for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ValueError(f"data.sources: names must be unique (got {names})")
+        elif self.sources:
+            raise ValueError(f"data.sources is only used by data.kind=mixture (kind is {self.kind!r})")
+        return self
 
 
 class MixedPrecisionConfig(_Strict):

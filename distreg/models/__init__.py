@@ -20,6 +20,11 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
             cfg.preset, vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
             rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+            **({} if not cfg.moe_num_experts else dict(
+                moe_num_experts=cfg.moe_num_experts, moe_top_k=cfg.moe_top_k,
+                moe_capacity_factor=cfg.moe_capacity_factor, moe_layers=cfg.moe_layers, moe_router=cfg.moe_router,
+                moe_aux_loss_coef=cfg.moe_aux_loss_coef, moe_z_loss_coef=cfg.moe_z_loss_coef,
+                moe_group_size=cfg.moe_group_size, moe_ffn_dim=cfg.moe_ffn_dim)),
         )
         with torch.device(device):
             model = Llama(args)

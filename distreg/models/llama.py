@@ -26,13 +26,25 @@ class LlamaArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # Mixture of experts (distreg.models.moe): blocks in `moe_layers` get an MoE feed-forward.
+    moe_num_experts: int = 0
+    moe_top_k: int = 2
+    moe_capacity_factor: float = 1.25
+    moe_layers: tuple[int, ...] = ()
+    moe_router: str = "topk"
+    moe_aux_loss_coef: float = 0.0
+    moe_z_loss_coef: float = 0.0
+    moe_group_size: int = 0
+    moe_ffn_dim: int | None = None
 
     def num_params(self) -> int:
         head_dim = self.dim // self.n_heads
         attn = self.dim * head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
         ffn = 3 * self.dim * self.ffn_dim
         block = attn + ffn + 2 * self.dim
-        return self.n_layers * block + 2 * self.vocab_size * self.dim + self.dim
+        moe = len(self.moe_layers) * (self.moe_num_experts * (3 * self.dim * (self.moe_ffn_dim or self.ffn_dim)
+                                                              + self.dim) - ffn)
+        return self.n_layers * block + moe + 2 * self.vocab_size * self.dim + self.dim
 
 
 PRESETS: dict[str, dict] = {
@@ -53,6 +65,15 @@ def llama_args(preset: str | None, **overrides) -> LlamaArgs:
     if missing:
         raise ValueError(f"model: no preset given and missing {', '.join('model.' + m for m in missing)}")
     values.setdefault("n_kv_heads", values["n_heads"])
+    layers = values.get("moe_layers", ())
+    if values.get("moe_num_experts"):
+        layers = tuple(range(values["n_layers"])) if layers == "all" else tuple(sorted(layers))
+        if layers and layers[-1] >= values["n_layers"]:
+            raise ValueError(f"model.moe_layers: block index {layers[-1]} out of range (model.n_layers="
+                             f"{values['n_layers']})")
+    else:
+        layers = ()
+    values["moe_layers"] = layers
     args = LlamaArgs(**values)
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise ValueError("model.dim must be divisible by model.n_heads, and n_heads by n_kv_heads")
@@ -132,12 +153,20 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, a: LlamaArgs):
+    def __init__(self, a: LlamaArgs, moe: bool = False):
         super().__init__()
         self.attention_norm = RMSNorm(a.dim, a.norm_eps)
         self.attention = Attention(a)
         self.ffn_norm = RMSNorm(a.dim, a.norm_eps)
-        self.feed_forward = FeedForward(a)
+        if moe:
+            from distreg.models.moe import MoEFeedForward
+
+            # Tokens an expert drops get 0 here: they pass through the residual below.
+            self.feed_forward = MoEFeedForward(
+                a.dim, a.moe_ffn_dim or a.ffn_dim, a.moe_num_experts, a.moe_top_k, a.moe_capacity_factor,
+                a.moe_group_size, a.moe_router, a.moe_aux_loss_coef, a.moe_z_loss_coef)
+        else:
+            self.feed_forward = FeedForward(a)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.attention_norm(x), cos, sin)
@@ -149,7 +178,7 @@ class Llama(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(Block(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(Block(args, i in args.moe_layers) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         self.activation_checkpointing = False

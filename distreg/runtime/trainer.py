@@ -22,6 +22,7 @@ from distreg.data import build_data
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
+from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
@@ -50,6 +51,7 @@ class Trainer:
         if self.comm.world_size != cfg.scaling.num_workers:
             raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} but {self.comm.world_size} ranks are running")
         torch.manual_seed(cfg.train.seed)  # identical on every rank: hooks key their randomness on it
+        check_moe_setup(cfg, self.comm.world_size)  # MoE checks that need the world size (no-op when dense)
 
         self.hooks = build_hooks(cfg.hooks)
         self.strategy = build_strategy(cfg, self.comm, self.device)
@@ -63,10 +65,16 @@ class Trainer:
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
         self.strategy.setup(model)
         self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
+        self.ctx.lr_fn = self.strategy.lr
         if lazy:
             materialize(self.strategy.local_shards(), cfg.train.seed, cfg.model.init_std)
+        # MoE layers leave their router aux / z losses on the module after each forward;
+        # train_step adds them to the penalties (empty for dense models).
+        self.moe_layers = [m for _, m in moe_layers(self.strategy.module)]
 
-        self.data = build_data(cfg, self.comm.rank, self.comm.world_size)
+        self.data = build_data(cfg, self.comm.rank, self.comm.world_size, self.comm)
+        self.ctx.num_samples = getattr(self.data, "num_samples", None)
+        self.ctx.epoch_fn = lambda: getattr(self.data, "epoch", 0)
         self.step = 0
         self.tracker = None
         if track and self.is_main:
@@ -90,6 +98,9 @@ class Trainer:
                 out = self.strategy.model(batch["input"])
                 terms = LossTerms(per_sample_loss(out, batch["target"]),
                                   reduction_weights(batch["target"], cfg.train.loss_reduction, denom), batch["index"])
+                if self.moe_layers:
+                    # This rank's shares of the global aux / z losses, * world like the sample loss.
+                    terms.penalties.update(moe_penalties(self.moe_layers, world))
                 for hook in self.hooks:
                     terms = hook.loss(self.ctx, out, batch, terms)
                 sample_part = (terms.weight * terms.per_sample).sum()

@@ -8,6 +8,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from distreg.hooks.base import ParamShard
 from distreg.models import transformer_blocks
+from distreg.models.moe import shard_experts
 from distreg.runtime.optim import build_optimizer, build_scheduler
 from distreg.runtime.strategies.base import DTYPES, Strategy
 
@@ -87,6 +88,7 @@ class DDPStrategy(_TorchStrategy):
                     _read=lambda flat=flat: flat,
                     _write=lambda v, flat=flat: flat.copy_(v),
                     _grad=lambda p=p: None if p.grad is None else p.grad.view(-1),
+                    _write_grad=lambda v, p=p: p.grad.view(-1).copy_(v),
                 ))
         return out
 
@@ -109,9 +111,14 @@ class FSDP2Strategy(_TorchStrategy):
         mesh = init_device_mesh(self.device.type, (self.comm.world_size,))
         if not any(p.is_meta for p in model.parameters()):
             model = model.to(self.device)
+        # MoE: expert weights become DTensors Shard(0) over the experts (expert
+        # parallelism, distreg.models.moe) and stay out of FSDP's own sharding and
+        # gradient averaging. Dense models: `experts` is empty, nothing changes.
+        experts = shard_experts(model, mesh)
         for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=policy)
-        fully_shard(model, mesh=mesh, mp_policy=policy)
+            ignored = {p for p in block.parameters() if any(p is e for e in experts)}
+            fully_shard(block, mesh=mesh, mp_policy=policy, **({"ignored_params": ignored} if ignored else {}))
+        fully_shard(model, mesh=mesh, mp_policy=policy, **({"ignored_params": experts} if experts else {}))
         if any(p.is_meta for p in model.parameters()):
             # Allocate only this rank's shards; values come from `materialize`.
             model.to_empty(device=self.device)
@@ -140,5 +147,6 @@ class FSDP2Strategy(_TorchStrategy):
                 _read=lambda flat=flat: flat,
                 _write=lambda v, flat=flat: flat.copy_(v),
                 _grad=lambda p=p: None if p.grad is None else p.grad.to_local().view(-1),
+                _write_grad=lambda v, p=p: p.grad.to_local().view(-1).copy_(v),
             ))
         return out
