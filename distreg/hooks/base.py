@@ -36,13 +36,18 @@ class ParamShard:
     _read: Callable[[], torch.Tensor]
     _write: Callable[[torch.Tensor], None]
     _grad: Callable[[], torch.Tensor | None]
+    _write_grad: Callable[[torch.Tensor], None] | None = None
 
     def data(self) -> torch.Tensor:
         """The local elements (1-D, length `numel`) of the copy the optimizer updates."""
         return self._read()
 
     def write(self, values: torch.Tensor) -> None:
-        """Overwrite the local elements, in the optimizer's copy and the forward copy."""
+        """Overwrite the local elements, in the optimizer's copy and the forward copy.
+
+        Call it for a parameter on every rank or on none (empty slices included): under
+        ZeRO-3 it releases a gathered full copy of the parameter (small parameters stay
+        gathered between steps), which the next forward then re-gathers collectively."""
         if values.numel() != self.numel:
             raise ValueError(f"{self.name}: write of {values.numel()} values into a shard of {self.numel}")
         with torch.no_grad():
@@ -51,6 +56,17 @@ class ParamShard:
     def grad(self) -> torch.Tensor | None:
         """The local elements of the reduced (rank-averaged) gradient, or None."""
         return self._grad()
+
+    def write_grad(self, values: torch.Tensor) -> None:
+        """Overwrite the local elements of the reduced gradient (in `after_backward`: after
+        the reduction, before clipping and the step). Gradient edits made this way are
+        not averaged over ranks again."""
+        if self._write_grad is None:
+            raise NotImplementedError(f"{self.name}: this strategy does not support gradient writes")
+        if values.numel() != self.numel:
+            raise ValueError(f"{self.name}: gradient write of {values.numel()} values into a shard of {self.numel}")
+        with torch.no_grad():
+            self._write_grad(values.reshape(-1))
 
 
 @dataclass
@@ -83,6 +99,14 @@ class HookContext:
     num_samples: int | None = None  # size of the sample index space (per-sample stores)
     epoch_fn: Callable[[], int] | None = None  # the data position's current epoch
     artifact_fn: Callable[[str, str | None], None] | None = None  # MLflow upload, rank 0 only
+    lr_fn: Callable[[], float] | None = None  # the optimizer's current learning rate
+
+    @property
+    def lr(self) -> float | None:
+        """The learning rate of the next optimizer step (the schedule is stepped right
+        after each optimizer step, so in `after_step` this is already the next step's);
+        None when the Trainer did not provide it."""
+        return self.lr_fn() if self.lr_fn is not None else None
 
     @property
     def rank(self) -> int:

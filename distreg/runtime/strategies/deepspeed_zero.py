@@ -4,9 +4,12 @@ Which copy hooks see (`local_shards`):
 - ZeRO-3: the rank's flat partition of each parameter; `data()` reads the fp32 master
   partition through `safe_get_local_fp32_param`, `write()` sets it with
   `safe_set_local_fp32_param` *and* copies into `p.ds_tensor` (the low-precision
-  partition the next forward gathers, otherwise refreshed only at the next step);
+  partition the next forward gathers, otherwise refreshed only at the next step), and
+  frees a gathered full copy if one is held (persistent small params), so the next
+  forward re-gathers the written partitions;
   `grad()` is `safe_get_local_grad` (reduced, averaged slice; only valid between the
-  boundary backward and the step).
+  boundary backward and the step), `write_grad()` `safe_set_local_grad` (fp32 and
+  bf16; under fp16 the gradient is still loss-scaled there).
 - ZeRO-1/2: parameters are replicated for the forward; `data()` reads the forward copy
   (equal to the fp32 master in fp32 training), `write()` writes the forward copy and
   this rank's fragment of the fp32 master (`safe_set_full_fp32_param`, local).
@@ -97,7 +100,13 @@ class DeepSpeedStrategy(Strategy):
             raise RuntimeError(f"DeepSpeed could not load the checkpoint at {path}")
 
     def local_shards(self) -> list[ParamShard]:
-        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_grad, safe_set_local_fp32_param
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+        from deepspeed.utils import (
+            safe_get_local_fp32_param,
+            safe_get_local_grad,
+            safe_set_local_fp32_param,
+            safe_set_local_grad,
+        )
 
         out = []
         rank = self.comm.rank
@@ -116,15 +125,26 @@ class DeepSpeedStrategy(Strategy):
                 full[:n] = v
                 safe_set_local_fp32_param(p, full)
                 p.ds_tensor.data.view(-1)[:n].copy_(v.to(p.ds_tensor.dtype))
+                if p.ds_status == ZeroParamStatus.AVAILABLE:
+                    # A gathered full copy (persistent params, below
+                    # stage3_param_persistence_threshold, stay gathered between steps and are
+                    # re-gathered only at the end of the next step) would keep the old values
+                    # for the next forward: free it so that forward gathers the new partitions.
+                    p.partition(has_been_updated=False)
 
             def grad(p=p, n=n):
                 g = safe_get_local_grad(p)
                 return None if g is None else g.view(-1)[:n]
 
+            def write_grad(v, p=p, n=n):
+                full = safe_get_local_grad(p).clone()
+                full.view(-1)[:n] = v
+                safe_set_local_grad(p, full)
+
             out.append(ParamShard(
                 name, p.ds_shape, start if n else 0, n, False,
                 _read=lambda p=p, n=n: safe_get_local_fp32_param(p).view(-1)[:n],
-                _write=write, _grad=grad,
+                _write=write, _grad=grad, _write_grad=write_grad,
             ))
         return out
 
