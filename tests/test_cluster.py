@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,20 +30,34 @@ def ray_head(tmp_path_factory):
     import psutil
 
     home = tmp_path_factory.mktemp("rayhome")
+    # Short: Ray's Unix socket paths live under the temp dir and must stay under ~107 chars.
+    temp_dir = tempfile.mkdtemp(prefix="rayh", dir="/tmp")
     env = {**os.environ, "RAY_AUTH_MODE": "token", "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
     subprocess.run(["ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
     dash = free_port()
     start = ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
-             "--ray-client-server-port", str(free_port()), "--temp-dir", str(home / "ray"), "--disable-usage-stats"]
+             "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
     proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    yield env, f"http://127.0.0.1:{dash}"
-    mine = [p for p in psutil.process_iter(["cmdline"]) if str(home) in " ".join(p.info["cmdline"] or [])]
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 180
+    while True:  # `ray start` returns before the dashboard's job server listens
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=5)
+            break
+        except urllib.error.HTTPError:
+            break  # it answered (401 without a token): it is up
+        except OSError:
+            assert time.time() < deadline, "the Ray dashboard did not come up"
+            time.sleep(1)
+    yield env, address
+    mine = [p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])]
     for p in mine:
         p.kill()
     psutil.wait_procs(mine, timeout=30)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_ray_job_submit_runs_a_config(ray_head, token_data, tmp_path):
