@@ -39,6 +39,11 @@ def ray_head(tmp_path_factory):
     start = ["ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(free_port()),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "3",
              "--ray-client-server-port", str(free_port()), "--temp-dir", temp_dir, "--disable-usage-stats"]
+    # The session's other cluster holds the default agent ports: without ports of its own,
+    # this head's job agent never comes up ("No available agent to submit job").
+    for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--metrics-export-port",
+                 "--runtime-env-agent-port"):
+        start += [flag, str(free_port())]
     proc = subprocess.run(start, env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     address = f"http://127.0.0.1:{dash}"

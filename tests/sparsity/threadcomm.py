@@ -12,7 +12,7 @@ class _Shared:
     def __init__(self, world_size: int):
         self.world_size = world_size
         self.slots: list = [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=60)
+        self.barrier = threading.Barrier(world_size, timeout=300)
 
 
 class ThreadComm:
