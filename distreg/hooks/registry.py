@@ -18,6 +18,10 @@ def register(cls: type[Hook]) -> type[Hook]:
 def _load_builtin() -> None:
     # Importing a hook module registers its hooks.
     from distreg.hooks import fault, param_norm  # noqa: F401
+    from distreg.hooks import sparsity  # noqa: F401
+    from distreg.hooks import reweighting, self_distill  # noqa: F401
+    from distreg.hooks import regularizers  # noqa: F401
+    from distreg.hooks import moe  # noqa: F401
 
 
 def available() -> list[str]:
