@@ -67,7 +67,10 @@ def run_threads(fn, world_size: int, *args) -> list:
             results[rank] = fn(ThreadComm(rank, shared), *args)
         except BaseException as e:  # noqa: BLE001 - re-raised below
             errors.append((rank, e))
-            shared.barrier.abort()
+            # Abort a moment later, not at once: peers that just left the last barrier of
+            # the same collective (and will raise the same error) must not be caught
+            # mid-release; peers stuck waiting for this rank are freed a second later.
+            threading.Timer(1.0, shared.barrier.abort).start()
 
     threads = [threading.Thread(target=body, args=(r,)) for r in range(world_size)]
     for t in threads:
