@@ -1,79 +1,9 @@
-"""An in-process stand-in for `Comm` over W threads, so sharding-invariance tests can try
-many world sizes and splits without spawning processes. Tests only; the real gloo path
-is covered once in test_sparsity_topk.py."""
+"""The sparsity tests' view of the shared thread harness: exceptions come back per rank."""
 from __future__ import annotations
 
-import threading
+import functools
 
-import torch
+from tests.threadcomm import NoComm, ThreadComm, _Shared  # noqa: F401
+from tests.threadcomm import run_threads as _run_threads
 
-
-class _Shared:
-    def __init__(self, world_size: int):
-        self.world_size = world_size
-        self.slots: list = [None] * world_size
-        self.barrier = threading.Barrier(world_size, timeout=300)
-
-
-class ThreadComm:
-    """Same collective semantics as `distreg.runtime.comm.Comm` (in-place all_reduce,
-    rank-ordered all_gather); counts its calls."""
-
-    def __init__(self, rank: int, shared: _Shared):
-        self.rank, self.world_size, self._s = rank, shared.world_size, shared
-        self.calls = 0
-
-    def _exchange(self, t: torch.Tensor) -> list[torch.Tensor]:
-        self.calls += 1
-        self._s.slots[self.rank] = t.detach().clone()
-        self._s.barrier.wait()
-        out = [x.clone() for x in self._s.slots]
-        self._s.barrier.wait()
-        return out
-
-    def all_reduce(self, t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-        parts = self._exchange(t)
-        red = {"sum": lambda a, b: a + b, "max": torch.maximum, "min": torch.minimum}[op]
-        acc = parts[0]
-        for p in parts[1:]:
-            acc = red(acc, p)
-        return t.copy_(acc)
-
-    def all_gather(self, t: torch.Tensor) -> list[torch.Tensor]:
-        return self._exchange(t)
-
-
-class NoComm:
-    """A world-size-2 comm that fails on use: proves a code path needs no collectives."""
-
-    rank, world_size = 0, 2
-
-    def all_reduce(self, *a, **k):
-        raise AssertionError("unexpected all_reduce")
-
-    def all_gather(self, *a, **k):
-        raise AssertionError("unexpected all_gather")
-
-
-def run_threads(fn, world_size: int, *args) -> list:
-    """Call `fn(comm, *args)` on `world_size` threads; per-rank results (an exception
-    raised on a rank is returned in its place)."""
-    shared = _Shared(world_size)
-    results: list = [None] * world_size
-
-    def body(rank: int) -> None:
-        try:
-            results[rank] = fn(ThreadComm(rank, shared), *args)
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            results[rank] = e
-            # Abort a moment later, not at once: peers that just left the last barrier of
-            # the same collective (and will raise the same error) must not be caught
-            # mid-release; peers stuck waiting for this rank are freed a second later.
-            threading.Timer(1.0, shared.barrier.abort).start()
-
-    threads = [threading.Thread(target=body, args=(r,)) for r in range(world_size)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results
+run_threads = functools.partial(_run_threads, return_exceptions=True)
