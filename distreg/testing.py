@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -37,21 +38,33 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
         result = fn(*args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(result, path + ".tmp")
+        os.replace(path + ".tmp", path)  # a file that exists is complete
     finally:
         dist.destroy_process_group()
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(
-            _worker,
-            args=(world_size, free_port(), out_dir, fn, args),
-            nprocs=world_size,
-            join=True,
-            start_method="spawn",
-        )
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+        files = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+        try:
+            mp.start_processes(
+                _worker,
+                args=(world_size, free_port(), out_dir, fn, args),
+                nprocs=world_size,
+                join=True,
+                start_method="spawn",
+            )
+        except mp.ProcessExitedException as e:
+            # A rank killed by a signal *after* every rank saved its result died in
+            # process-group teardown (gloo's threads at exit, seen rarely on an
+            # overloaded machine), not in the function under test: keep the results.
+            # A Python exception in `fn` is a ProcessRaisedException and still raises.
+            if not all(os.path.exists(f) for f in files):
+                raise
+            warnings.warn(f"run_distributed: {e} during teardown, after all ranks returned")
+        return [torch.load(f, weights_only=False) for f in files]
 
 
 def gather_full_params(shards, comm) -> dict[str, torch.Tensor]:
