@@ -36,6 +36,23 @@ from distreg.hooks.base import Hook, HookContext, ParamShard
 F64 = torch.float64
 
 
+class ValuesHook(Hook):
+    """A hook whose metrics are its last `values` under `prefix`; the values go into the
+    checkpoint so a resumed run logs the same numbers until the hook computes new ones."""
+
+    values: dict[str, float]
+    prefix: str
+
+    def metrics(self) -> dict[str, float]:
+        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
+
+    def state_dict(self) -> dict:
+        return {"values": dict(self.values)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.values = dict(state.get("values", {}))
+
+
 class SelectParams(Hook.Params):
     include: list[str] = Field(["*"], description="fnmatch patterns of parameter names that take part")
     exclude: list[str] = Field([], description="fnmatch patterns of parameter names left alone")

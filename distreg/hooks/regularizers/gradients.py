@@ -23,12 +23,12 @@ from pydantic import Field
 
 from distreg.hooks.base import Hook, HookContext
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, SelectParams, require_grad_writes, select_shards
+from distreg.hooks.regularizers._common import F64, SelectParams, ValuesHook, require_grad_writes, select_shards
 from distreg.regularizers import orthograd
 
 
 @register
-class PerpGrad(Hook):
+class PerpGrad(ValuesHook):
     name = "perp_grad"
 
     class Params(SelectParams):
@@ -74,11 +74,3 @@ class PerpGrad(Hook):
         self.values = {"cos_before": tg / max((tt * gg) ** 0.5, 1e-300), "grad_norm_before": gg ** 0.5,
                        "grad_norm_after": nn_ ** 0.5}
 
-    def metrics(self) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
-
-    def state_dict(self) -> dict:
-        return {"values": dict(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = dict(state.get("values", {}))

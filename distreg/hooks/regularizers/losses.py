@@ -20,7 +20,7 @@ from pydantic import Field
 
 from distreg.hooks.base import Hook, HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, per_sample_mean
+from distreg.hooks.regularizers._common import F64, ValuesHook, per_sample_mean
 from distreg.regularizers import softmax_collapse_counts, stablemax_cross_entropy, z_loss_logit, z_loss_spherical
 from distreg.runtime.loss import IGNORE_INDEX
 
@@ -31,7 +31,7 @@ def _valid_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(valid, target, torch.zeros_like(target)), valid
 
 
-class _StatHook(Hook):
+class _StatHook(ValuesHook):
     """Per-step weighted sums accumulated over micro-batches, all-reduced once per step."""
 
     class Params(Hook.Params):
@@ -55,14 +55,6 @@ class _StatHook(Hook):
         self._acc = None
         return ctx.comm.all_reduce(acc.clone())
 
-    def metrics(self) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
-
-    def state_dict(self) -> dict:
-        return {"values": dict(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = dict(state.get("values", {}))
 
 
 def _collapse_counts(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

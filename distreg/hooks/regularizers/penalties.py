@@ -33,6 +33,7 @@ from pydantic import Field
 from distreg.hooks.base import Hook, HookContext, LossTerms, ParamShard
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import (
+    ValuesHook,
     F64,
     SelectParams,
     add_to_grad,
@@ -57,7 +58,7 @@ from distreg.regularizers import (
 from distreg.regularizers._dist import active
 
 
-class _ParamPenalty(Hook):
+class _ParamPenalty(ValuesHook):
     """Participants (layer weights by default), routes, metrics and state plumbing."""
 
     params: SelectParams
@@ -90,14 +91,6 @@ class _ParamPenalty(Hook):
     def plan(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         pass
 
-    def metrics(self) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
-
-    def state_dict(self) -> dict:
-        return {"values": dict(self.values)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.values = dict(state.get("values", {}))
 
 
 class _MatrixPenalty(_ParamPenalty):
