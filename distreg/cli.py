@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_commands(sub.add_parser("bench", help="benchmark suites").add_subparsers(dest="bench_command", required=True))
 
+    from distreg import adapters, prune
+
+    prune.add_commands(sub.add_parser("prune", help="training-free pruning of a checkpoint").add_subparsers(
+        dest="prune_command", required=True))
+    adapters.add_commands(sub.add_parser("adapters", help="adapter tools (merge into plain weights)").add_subparsers(
+        dest="adapters_command", required=True))
+
     p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
     p.add_argument("run_dir")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the run's sqlite)")

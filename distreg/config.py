@@ -52,6 +52,12 @@ class ModelConfig(_Strict):
     # which depends on the world size. Fix it (e.g. to data.seq_len) for rank invariance.
     moe_group_size: int = Field(0, ge=0)
     moe_ffn_dim: int | None = Field(None, gt=0)  # hidden size of each expert (default: ffn_dim)
+    # "group": each routing group solved alone (no communication); "global": one routing
+    # problem over all tokens of the step on all ranks (only per-expert statistics travel).
+    moe_route_scope: Literal["group", "global"] = "group"
+    # Feed-forward activation of the dense Llama blocks: "swiglu" (default) or "dice"
+    # (Deep Interest Network's data-adaptive activation, batch moments all-reduced).
+    ffn_activation: Literal["swiglu", "dice"] = "swiglu"
     # torchvision
     arch: str = "resnet50"
     num_classes: int = 1000

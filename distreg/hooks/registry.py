@@ -22,6 +22,7 @@ def _load_builtin() -> None:
     from distreg.hooks import reweighting, self_distill  # noqa: F401
     from distreg.hooks import regularizers  # noqa: F401
     from distreg.hooks import moe  # noqa: F401
+    from distreg.hooks import sara, dsnot, layer_adaptive  # noqa: F401
 
 
 def available() -> list[str]:

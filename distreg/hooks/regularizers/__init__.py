@@ -13,3 +13,4 @@ Each module's docstring states the order of its events inside a step, its commun
 and its metrics; `_common` describes how whole-matrix terms reach sharded weights.
 """
 from distreg.hooks.regularizers import features, gradients, losses, monitors, penalties, proximal  # noqa: F401
+from distreg.hooks.regularizers import distillation, embeddings, sorsa  # noqa: F401
