@@ -78,6 +78,9 @@ class ModelConfig(_Strict):
         if self.moe_router not in available_routers():
             raise ValueError(f"model.moe_router: unknown router {self.moe_router!r}; "
                              f"available: {', '.join(available_routers())}")
+        if self.moe_route_scope == "global" and self.moe_group_size:
+            raise ValueError(f"model.moe_group_size={self.moe_group_size} applies to moe_route_scope=group; "
+                             "global scope routes all tokens of a micro-step as one problem (set it to 0)")
         return self
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 import sys
 
 import pytest
@@ -92,3 +93,9 @@ def test_cli_config_show_prints_resolved_config(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "max_steps: 9" in proc.stdout and "seed: 5" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / path))
+    assert cfg.run_dir

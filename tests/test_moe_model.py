@@ -40,7 +40,15 @@ STEP = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.lr": 0.5, "train.grad
 TWO_RANK = {
     "fsdp2": {"strategy.name": "fsdp2"},
     "fsdp2_meta_init": {"strategy.name": "fsdp2", "model.init_device": "meta"},
+    # Global scope: one OT problem over both ranks' tokens of each micro-step (128 tokens,
+    # capacity ceil(1.0 * 128 * 2 / 4) = 64 per expert), only per-expert statistics exchanged.
+    "global_sinkhorn": {"strategy.name": "fsdp2", "model.moe_route_scope": "global", "model.moe_group_size": 0,
+                        "model.moe_router": "sinkhorn"},
+    "global_sparse_ot": {"strategy.name": "fsdp2", "model.moe_route_scope": "global", "model.moe_group_size": 0,
+                         "model.moe_router": "sparse_ot", "model.moe_capacity_factor": 0.75},
 }
+# The single-process reference of each 2-rank run: the same config on one rank.
+SINGLE_OF = {name: {k: v for k, v in extra.items() if k.startswith("model.moe")} for name, extra in TWO_RANK.items()}
 
 
 def _layer(capacity_factor=1.0, group_size=8, top_k=2, experts=4, router="topk", dim=16):
@@ -204,6 +212,12 @@ def test_config_fields_and_errors(token_data, tmp_path):
                               ("model.moe_layers", "[0, 0]", "distinct"), ("model.moe_capacity_factor", 0, "greater")]:
         with pytest.raises(ConfigError, match=match):
             tiny_config(token_data, str(tmp_path), **{**MOE, key: value})
+    with pytest.raises(ConfigError, match="moe_group_size=32 applies to moe_route_scope=group"):
+        tiny_config(token_data, str(tmp_path), **{**MOE, "model.moe_route_scope": "global"})
+    with pytest.raises(ConfigError, match="moe_route_scope"):
+        tiny_config(token_data, str(tmp_path), **{**MOE, "model.moe_route_scope": "world"})
+    with pytest.raises(ValueError, match="only routes in group scope"):
+        MoEFeedForward(8, 8, 2, top_k=1, router=lambda logits, k, cap: logits, route_scope="global")
     # Dense default: no MoE module anywhere, parameter names as before.
     from distreg.models import build_model
 
@@ -233,7 +247,7 @@ def one_step(cfg) -> dict:
 def two_rank(data: str, root: str) -> dict:
     from distreg.runtime.trainer import train_worker
 
-    out = {name: one_step(tiny_config(data, f"{root}/{name}", **MOE, **STEP, **extra, **{"scaling.num_workers": 2}))
+    out = {name: one_step(tiny_config(data, f"{root}/{name}", **{**MOE, **STEP, **extra, "scaling.num_workers": 2}))
            for name, extra in TWO_RANK.items()}
     common = {**MOE, "scaling.num_workers": 2, "train.grad_accum_steps": 2, "train.max_steps": 6,
               "optim.lr": 0.01, "optim.warmup_steps": 2, "checkpoint.every": 3, "strategy.name": "fsdp2"}
@@ -249,15 +263,23 @@ def two_rank(data: str, root: str) -> dict:
 @pytest.fixture(scope="module")
 def results(token_data, tmp_path_factory):
     root = str(tmp_path_factory.mktemp("moe"))
-    single = one_step(tiny_config(token_data, f"{root}/single", **MOE, **STEP,
-                                  **{"scaling.num_workers": 1, "strategy.name": "ddp"}))
+    singles = {}
+    for name, extra in SINGLE_OF.items():
+        key = tuple(sorted(extra.items()))
+        if key not in singles:
+            singles[key] = one_step(tiny_config(token_data, f"{root}/single{len(singles)}", **{
+                    **MOE, **STEP, **extra, "scaling.num_workers": 1, "strategy.name": "ddp"}))
+    single = {name: singles[tuple(sorted(extra.items()))] for name, extra in SINGLE_OF.items()}
     return single, run_distributed(two_rank, 2, token_data, root)
 
 
 @pytest.mark.parametrize("name", list(TWO_RANK))
 def test_rank_invariant_step(results, name):
     single, ranks = results
+    single = single[name]
     assert single["metrics"]["moe/dropped_frac"] > 0  # capacity is active: the routing matters
+    if "global" in name:  # an OT solve ran, and both ranks ran the single-process iteration count
+        assert single["metrics"]["moe/solver_iterations"] > 1
     for rank_result in ranks:
         got = rank_result[name]
         assert got["loss"] == pytest.approx(single["loss"], abs=1e-5)

@@ -15,6 +15,9 @@ optimizer step it turns the step's sums into metrics and resets them:
   moe/dropped_tokens_frac fraction of tokens with every slot dropped (residual only)
   moe/router_entropy     mean entropy of the router softmax (nats; log E = uniform)
   moe/aux_loss, moe/z_loss  the load-balancing and z losses (coefficients included)
+  moe/solver_iterations  OT routers: solver iterations per solve (mean over ranks and
+                         micro-batches; global scope: the one shared count)
+  moe/solver_residual    OT routers: the plan's marginal residual |P1 - a|_1 + |P^T 1 - b|_1
   moe/layer{i}/...       with `per_layer: true`: load_max, dropped_frac, router_entropy
                          of each MoE block
 """

@@ -24,7 +24,7 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
                 moe_num_experts=cfg.moe_num_experts, moe_top_k=cfg.moe_top_k,
                 moe_capacity_factor=cfg.moe_capacity_factor, moe_layers=cfg.moe_layers, moe_router=cfg.moe_router,
                 moe_aux_loss_coef=cfg.moe_aux_loss_coef, moe_z_loss_coef=cfg.moe_z_loss_coef,
-                moe_group_size=cfg.moe_group_size, moe_ffn_dim=cfg.moe_ffn_dim)),
+                moe_group_size=cfg.moe_group_size, moe_ffn_dim=cfg.moe_ffn_dim, moe_route_scope=cfg.moe_route_scope)),
         )
         with torch.device(device):
             model = Llama(args)

@@ -36,6 +36,7 @@ class LlamaArgs:
     moe_z_loss_coef: float = 0.0
     moe_group_size: int = 0
     moe_ffn_dim: int | None = None
+    moe_route_scope: str = "group"
 
     def num_params(self) -> int:
         head_dim = self.dim // self.n_heads
@@ -164,7 +165,7 @@ class Block(nn.Module):
             # Tokens an expert drops get 0 here: they pass through the residual below.
             self.feed_forward = MoEFeedForward(
                 a.dim, a.moe_ffn_dim or a.ffn_dim, a.moe_num_experts, a.moe_top_k, a.moe_capacity_factor,
-                a.moe_group_size, a.moe_router, a.moe_aux_loss_coef, a.moe_z_loss_coef)
+                a.moe_group_size, a.moe_router, a.moe_aux_loss_coef, a.moe_z_loss_coef, a.moe_route_scope)
         else:
             self.feed_forward = FeedForward(a)
 

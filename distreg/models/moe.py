@@ -19,6 +19,17 @@ that divides the local micro-batch's token count makes every group - hence every
 routing decision, capacity and drop - identical for 1, 2 or W ranks. (group_size 0
 depends on W; rank-invariant configs fix it, e.g. to data.seq_len.)
 
+Global scope (`route_scope="global"`, `model.moe_route_scope: global`). The router
+solves one problem over the micro-step's tokens of *all* ranks, in rank order (the
+single-process order), with capacity per expert over all of them; tokens stay on their
+ranks and only per-expert statistics travel (Sinkhorn: an all-reduce of E-sized vectors
+per iteration; sparse OT: the per-expert top-k over all tokens by the exact radix
+selection of `distreg.sparsity`, 4 histogram all-reduces; capacity positions: one
+all-gather of per-expert claim counts). Every rank stops after the same number of
+iterations (decided on all-reduced values), and the plan equals the single-process
+plan on the same tokens - so routing no longer depends on any group size. OT solves
+run in float64 in both scopes (see `PackageRouter`).
+
 Per forward on each rank:
   logits = gate(x) -> router(logits [groups, G, E], top_k, capacity) -> plan: for each
   token up to top_k (expert, gate weight) slots, -1 = no expert -> capacity re-checked
@@ -155,13 +166,24 @@ class PackageRouter:
     per group); `topk` is asked to renormalise its gates over the k choices when k > 1,
     as the built-in `topk_router` does, so both give the same plan."""
 
+    supports_global = True
+
     def __init__(self, name: str, fn: Callable[..., Any]):
         self.name, self.fn = name, fn
+        self.last_solver: tuple[int, float] | None = None  # (iterations, marginal residual) of the last solve
 
-    def __call__(self, logits: Tensor, top_k: int, capacity: int):
+    def __call__(self, logits: Tensor, top_k: int, capacity: int, comm=None):
+        """Route `logits` [groups, G, E]: each group alone, or (`comm` given, one group)
+        one problem over the tokens of every rank of `comm` (global scope)."""
         groups, g, experts = logits.shape
-        kw = {"normalize": top_k > 1} if self.name == "topk" else {}
-        plan = self.fn(logits.reshape(groups * g, experts), top_k, capacity=capacity, group_size=g, **kw)
+        # OT solves in float64: a solver stopped by its tolerance or iteration cap (not at
+        # the exact optimum) follows a path that float32 round-off in the cross-rank sums
+        # would bend, so the plan would depend on the number of ranks. [N, E] is small.
+        kw = {"normalize": top_k > 1} if self.name == "topk" else {"dtype": torch.float64}
+        scope = {"group_size": None, "comm": comm} if comm is not None else {"group_size": g}
+        plan = self.fn(logits.reshape(groups * g, experts), top_k, capacity=capacity, **scope, **kw)
+        solver = getattr(plan, "solver", None)
+        self.last_solver = (solver.iterations, solver.residual) if solver is not None else None
         expert, gate = _plan_fields(plan)
         return expert.reshape(groups, g, -1), gate.reshape(groups, g, -1)
 
@@ -254,8 +276,9 @@ def _local(p: Tensor) -> Tensor:
 
 # Layout of the statistics vector (float64, summed over ranks): per-expert top-k
 # choices [E], dispatched slots [E], router-probability sums [E], then tokens,
-# dropped tokens, dropped slots, entropy sum, logsumexp^2 sum.
-_N_SCALARS = 5
+# dropped tokens, dropped slots, entropy sum, logsumexp^2 sum, OT solver iterations
+# and marginal residual (0 for top-k; global scope: the same on every rank).
+_N_SCALARS = 7
 
 
 class MoEFeedForward(nn.Module):
@@ -263,10 +286,16 @@ class MoEFeedForward(nn.Module):
 
     def __init__(self, dim: int, ffn_dim: int, num_experts: int, top_k: int = 2, capacity_factor: float = 1.25,
                  group_size: int = 0, router: str | Callable[..., Any] = "topk", aux_loss_coef: float = 0.0,
-                 z_loss_coef: float = 0.0):
+                 z_loss_coef: float = 0.0, route_scope: str = "group"):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"model.moe_top_k={top_k} must be in [1, model.moe_num_experts={num_experts}]")
+        if route_scope not in ("group", "global"):
+            raise ValueError(f"model.moe_route_scope: expected 'group' or 'global', got {route_scope!r}")
+        if route_scope == "global" and group_size:
+            raise ValueError("model.moe_group_size applies to model.moe_route_scope=group; global scope routes all "
+                             "tokens of the step as one problem (set moe_group_size: 0)")
+        self.route_scope = route_scope
         self.num_experts, self.top_k, self.capacity_factor = num_experts, top_k, capacity_factor
         self.group_size, self.aux_loss_coef, self.z_loss_coef = group_size, aux_loss_coef, z_loss_coef
         self.gate = nn.Linear(dim, num_experts, bias=False)
@@ -274,6 +303,9 @@ class MoEFeedForward(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, ffn_dim, dim))
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, ffn_dim))
         fn = resolve_router(router)
+        if route_scope == "global" and not getattr(fn, "supports_global", False):
+            raise ValueError(f"model.moe_route_scope=global needs a router of distreg.moe.routers; {router!r} only "
+                             "routes in group scope")
         if isinstance(fn, nn.Module):
             self.router = fn  # a router with its own parameters/buffers is a submodule
         else:
@@ -281,13 +313,14 @@ class MoEFeedForward(nn.Module):
         # Expert parallelism: set by `shard_experts` (W = 1: every expert local).
         self.ep_group = None
         self.ep_size, self.ep_rank = 1, 0
+        self._route_comm = None  # Comm over ep_group, built on first use (global scope)
         self.aux_losses: dict[str, Tensor] = {}  # this rank's differentiable shares, last forward
         self.stats: Tensor | None = None  # summed statistics since the last reset (float64)
         self.forwards = 0  # training forwards accumulated in `stats`
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
-                f"group_size={self.group_size}, ep_size={self.ep_size}")
+                f"route_scope={self.route_scope}, group_size={self.group_size}, ep_size={self.ep_size}")
 
     @property
     def local_experts(self) -> int:
@@ -295,18 +328,38 @@ class MoEFeedForward(nn.Module):
 
     def _route(self, logits: Tensor) -> tuple[DispatchPlan, int]:
         tokens = logits.shape[0]
-        g = self.group_size or tokens
-        if tokens % g:
-            raise ValueError(f"model.moe_group_size={self.group_size} does not divide the {tokens} tokens of this "
-                             "rank's micro-batch (micro-batch size x data.seq_len)")
-        capacity = capacity_of(g, self.top_k, self.num_experts, self.capacity_factor)
-        grouped = logits.view(tokens // g, g, self.num_experts)
         router = getattr(self, "router", None)
         router = self.router_fn if router is None else router
-        plan = _as_plan(router(grouped, self.top_k, capacity), self.top_k)
+        if self.route_scope == "global":
+            # One problem over the micro-step's tokens of all EP ranks, in rank order (the
+            # single-process token order). Every rank routes the same number of tokens
+            # (the Trainer splits each global micro-batch evenly), so the global count
+            # and capacity need no collective.
+            capacity = capacity_of(tokens * self.ep_size, self.top_k, self.num_experts, self.capacity_factor)
+            grouped = logits.view(1, tokens, self.num_experts)
+            out = router(grouped, self.top_k, capacity, comm=self._comm()) if self.ep_size > 1 \
+                else router(grouped, self.top_k, capacity)
+        else:
+            g = self.group_size or tokens
+            if tokens % g:
+                raise ValueError(f"model.moe_group_size={self.group_size} does not divide the {tokens} tokens of "
+                                 "this rank's micro-batch (micro-batch size x data.seq_len)")
+            capacity = capacity_of(g, self.top_k, self.num_experts, self.capacity_factor)
+            grouped = logits.view(tokens // g, g, self.num_experts)
+            out = router(grouped, self.top_k, capacity)
+        plan = _as_plan(out, self.top_k)
+        # A no-op for the package routers (global scope: a rank's share of an expert's
+        # global capacity is below the capacity); guards plugged-in routers.
         plan = enforce_capacity(plan.expert, plan.gate, capacity, self.num_experts)
         k = plan.expert.shape[-1]
         return DispatchPlan(plan.expert.reshape(tokens, k), plan.gate.reshape(tokens, k)), capacity
+
+    def _comm(self):
+        if self._route_comm is None:
+            from distreg.runtime.comm import Comm
+
+            self._route_comm = Comm(self.ep_group)
+        return self._route_comm
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -314,6 +367,7 @@ class MoEFeedForward(nn.Module):
         tokens, E = xf.shape[0], self.num_experts
         logits = self.gate(xf)
         plan, _ = self._route(logits)
+        solver = getattr(getattr(self, "router", None) or self.router_fn, "last_solver", None) or (0, 0.0)
         probs = torch.softmax(logits.float(), dim=-1)
         lse = torch.logsumexp(logits.float(), dim=-1)
 
@@ -329,6 +383,8 @@ class MoEFeedForward(nn.Module):
                 tokens * self.top_k - assigned.sum().double(),
                 -(probs * torch.log(probs.clamp_min(1e-30))).sum().double(),
                 lse.pow(2).sum().double(),
+                torch.tensor(float(solver[0]), dtype=torch.float64, device=xf.device),
+                torch.tensor(float(solver[1]), dtype=torch.float64, device=xf.device),
             ])
             stats = torch.cat([chosen.double(), dispatched.double(), probs.sum(0).double(), scalars])
             if self.ep_size > 1:
@@ -417,9 +473,10 @@ def _layer_metrics(layer: MoEFeedForward) -> dict[str, Any]:
     if layer.stats is None:
         return {}
     E, s = layer.num_experts, layer.stats.cpu()
-    tokens, dropped_tok, dropped_slots, ent, zsum = s[3 * E:].tolist()
+    tokens, dropped_tok, dropped_slots, ent, zsum, iters, residual = s[3 * E:].tolist()
     if tokens == 0:
         return {}
+    solves = max(1, layer.forwards * layer.ep_size)  # one solve per rank and forward
     f = s[:E] / (tokens * layer.top_k)
     p = s[2 * E:3 * E] / tokens
     dispatched = s[E:2 * E]
@@ -433,6 +490,8 @@ def _layer_metrics(layer: MoEFeedForward) -> dict[str, Any]:
         "router_entropy": ent / tokens,
         "aux_loss": layer.aux_loss_coef * E * float((f * p).sum()),
         "z_loss": layer.z_loss_coef * zsum / tokens,
+        "solver_iterations": iters / solves,  # mean over ranks and micro-batches
+        "solver_residual": residual / solves,
         "tokens": tokens,
     }
 
@@ -450,7 +509,8 @@ def moe_metrics(model: nn.Module, per_layer: bool = False) -> dict[str, float]:
     n = len(rows)
     for e in range(len(rows[0][1]["load"])):
         out[f"moe/load/e{e}"] = sum(r["load"][e] for _, r in rows) / n
-    for key in ("load_max", "dropped_frac", "dropped_tokens_frac", "router_entropy", "aux_loss", "z_loss"):
+    for key in ("load_max", "dropped_frac", "dropped_tokens_frac", "router_entropy", "aux_loss", "z_loss",
+                "solver_iterations", "solver_residual"):
         out[f"moe/{key}"] = sum(r[key] for _, r in rows) / n
     if per_layer:
         for name, r in rows:

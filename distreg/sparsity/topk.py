@@ -263,3 +263,79 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
         keep.append(k_keep)
     thresholds = [_key_to_float(p, by_abs) if active[g] else None for g, p in enumerate(prefix)]
     return Selection(keep, ks, thresholds, elig_counts, totals)
+
+
+# --------------------------------------------------------------------------- columns
+
+
+def select_bottom_k_columns(scores: torch.Tensor, k_fn: Callable[[torch.Tensor], torch.Tensor],
+                            comm: Comm | None = None, *, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """Per column of a row-sharded matrix: select exactly `k_j` of the smallest eligible
+    entries of column j over the rows of every rank (the S1 radix selection, vectorised
+    over columns: one `[m, 256]` histogram all-reduce per round instead of a Python loop
+    over m shards, so it suits many small selections per call on any device).
+
+    `scores` `[n, m]` holds this rank's rows; ranks hold consecutive row blocks in rank
+    order (row r of rank q follows every row of ranks < q). float64 scores are ranked in
+    float64 (8 byte rounds), anything else in float32 (4 rounds). `k_fn(eligible_counts
+    [m])` maps the global eligible count of each column to the count to select (the
+    counts travel with the first histogram round, no extra collective). Ties at a
+    column's threshold go to the lowest global rows first, so the selection is the
+    single-process one for any split of the rows. Returns the bool mask of selected
+    entries (local rows). Raises ValueError on every rank for NaN/inf eligible scores.
+    """
+    comm = None if comm is None or comm.world_size == 1 else comm
+    x = scores.detach()
+    wide = x.dtype == torch.float64
+    x = (x if wide or x.dtype == torch.float32 else x.float()).contiguous()
+    int_t, bits = (torch.int64, 64) if wide else (torch.int32, 32)
+    n, m = x.shape
+    dev = x.device
+    elig = torch.ones_like(x, dtype=torch.bool) if eligible is None else eligible.reshape(n, m)
+    i = x.view(int_t)
+    t = i ^ ((i >> (bits - 1)) & (2 ** (bits - 1) - 1))
+    keys = t - (t >> (bits - 1))  # as `_keys`: signed integer order == float order, -0.0 == +0.0
+    sign = torch.tensor(-(2 ** (bits - 1)), dtype=int_t, device=dev)
+    u = keys ^ sign  # its bytes, most significant first, order like unsigned integers
+    col = torch.arange(m, device=dev).expand(n, m)
+    prefix = torch.zeros(m, dtype=int_t, device=dev)  # bit pattern of u's leading bytes found so far
+    k_rem = torch.zeros(m, dtype=torch.int64, device=dev)
+    for r, shift in enumerate(range(bits - 8, -8, -8)):
+        cand = elig
+        if r > 0:
+            cand = cand & ((u >> (shift + 8)) == (prefix >> (shift + 8)).unsqueeze(0))
+        byte = ((u >> shift) & 0xFF).long()
+        hist = torch.bincount((col * 256 + byte)[cand], minlength=m * 256).view(m, 256)
+        if r == 0:
+            bad = (elig & ~torch.isfinite(x)).sum().reshape(1)
+            flat = torch.cat([hist.reshape(-1), bad])
+            flat = comm.all_reduce(flat) if comm is not None else flat
+            hist, bad = flat[:-1].view(m, 256), flat[-1]
+            if int(bad):
+                raise ValueError(f"non-finite (NaN/inf) scores among {int(bad)} eligible entries")
+            counts = hist.sum(1)
+            ks = torch.as_tensor(k_fn(counts), dtype=torch.int64, device=dev).reshape(m)
+            if bool(((ks < 0) | (ks > counts)).any()):
+                raise ValueError(f"cannot select {ks.tolist()} of {counts.tolist()} eligible entries per column")
+            k_rem = ks.clone()
+        elif comm is not None:
+            hist = comm.all_reduce(hist)
+        cum = hist.cumsum(1)
+        bins = (cum < k_rem.unsqueeze(1)).sum(1).clamp_max(255)
+        lower = torch.cat([torch.zeros(m, 1, dtype=torch.int64, device=dev), cum], 1).gather(1, bins[:, None])[:, 0]
+        k_rem = k_rem - lower
+        if shift == bits - 8:  # the top byte lands on the sign bit: write it as a signed value
+            bins = torch.where(bins >= 128, bins - 256, bins)
+        prefix = prefix | (bins * 2**shift).to(int_t)
+    active = (ks > 0).unsqueeze(0)
+    thr = (prefix ^ sign).unsqueeze(0)  # the k-th smallest key of each column
+    below = elig & (keys < thr) & active
+    at = elig & (keys == thr) & active
+    local_ties = at.sum(0)
+    if comm is not None:
+        every = torch.stack(comm.all_gather(local_ties))  # [W, m]
+        before = every[: comm.rank].sum(0)
+    else:
+        before = torch.zeros_like(local_ties)
+    take = (k_rem - before).clamp(min=0).minimum(local_ties)
+    return below | (at & (at.long().cumsum(0) <= take.unsqueeze(0)))

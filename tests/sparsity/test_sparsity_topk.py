@@ -17,6 +17,7 @@ from distreg.sparsity import (
     select_bottom_k,
     select_bottom_k_per_layer,
 )
+from distreg.sparsity.topk import select_bottom_k_columns
 from distreg.testing import run_distributed
 from tests.sparsity.threadcomm import NoComm, run_threads
 
@@ -185,6 +186,76 @@ def _thread_nan(comm):
 def test_nan_on_one_rank_raises_on_every_rank():
     res = run_threads(_thread_nan, 2)
     assert all(isinstance(r, ValueError) and "blocks.3.w" in str(r) for r in res), res
+
+
+# --------------------------------------------------------------------------- per-column selection
+
+
+def ref_columns(x, ks, elig):
+    """Brute force per column: the k smallest eligible entries, ties by row."""
+    want = torch.zeros_like(x, dtype=torch.bool)
+    for j, k in enumerate(ks):
+        rows = elig[:, j].nonzero().view(-1)
+        order = sorted(rows.tolist(), key=lambda r: (float(x[r, j]), r))
+        want[order[:k], j] = True
+    return want
+
+
+def test_columns_hand_case_with_ties_and_signed_zero():
+    x = torch.tensor([[3.0, -1.0], [1.0, 0.0], [1.0, -0.0], [2.0, -1.0]])
+    # column 0: 2 smallest = rows 1, 2 (tie at 1.0); column 1: 3 smallest = -1 (row 0), -1 (row 3), then
+    # the first of the two zeros (-0.0 == +0.0): row 1
+    sel = select_bottom_k_columns(x, lambda c: torch.tensor([2, 3]))
+    assert sel.tolist() == [[False, True], [True, True], [True, False], [False, True]]
+    # eligibility: column 0 only rows 0 and 3 -> the smaller is 2.0 (row 3)
+    elig = torch.tensor([[True, True], [False, True], [False, True], [True, True]])
+    assert select_bottom_k_columns(x, lambda c: torch.tensor([1, 0]), eligible=elig)[:, 0].tolist() == \
+        [False, False, False, True]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_columns_match_brute_force(dtype):
+    gen = torch.Generator().manual_seed(5)
+    for trial in range(40):
+        n, m = int(torch.randint(1, 25, (), generator=gen)), int(torch.randint(1, 9, (), generator=gen))
+        x = torch.randint(-3, 4, (n, m), generator=gen).double() if trial % 2 else torch.randn(n, m, generator=gen,
+                                                                                            dtype=torch.float64)
+        if trial % 4 == 1:  # values equal in float32, distinct in float64
+            x = x + 1e-12 * torch.arange(n * m, dtype=torch.float64).view(n, m)
+        x = x.to(dtype)
+        elig = torch.rand(n, m, generator=gen) > 0.3
+        ks = [int(torch.randint(0, int(c) + 1, (), generator=gen)) for c in elig.sum(0)]
+        got = select_bottom_k_columns(x, lambda c: torch.tensor(ks), eligible=elig)
+        assert torch.equal(got, ref_columns(x.double(), ks, elig)), trial
+
+
+def _thread_columns(comm, x, cuts, elig):
+    lo, hi = cuts[comm.rank], cuts[comm.rank + 1]
+    calls = comm.calls
+    sel = select_bottom_k_columns(x[lo:hi], lambda c: (c - 3).clamp_min(0), comm, eligible=elig[lo:hi])
+    return sel, comm.calls - calls
+
+
+def test_columns_any_row_split_gives_the_single_process_selection():
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randint(-4, 5, (17, 6), generator=gen).float()  # many ties
+    elig = x > -3
+    ref = select_bottom_k_columns(x, lambda c: (c - 3).clamp_min(0), eligible=elig)
+    assert torch.equal(ref, ref_columns(x, [max(int(c) - 3, 0) for c in elig.sum(0)], elig))
+    for cuts in ([0, 9, 17], [0, 0, 17], [0, 4, 5, 17], [0, 17, 17, 17]):
+        res = run_threads(_thread_columns, len(cuts) - 1, x, cuts, elig)
+        assert torch.equal(torch.cat([r[0] for r in res]), ref), cuts
+        assert all(r[1] == 5 for r in res)  # 4 histogram all-reduces + 1 tie all-gather
+
+
+def _thread_columns_nan(comm):
+    x = torch.tensor([[1.0], [float("nan") if comm.rank else 2.0]])
+    return select_bottom_k_columns(x, lambda c: c * 0 + 1, comm)
+
+
+def test_columns_nan_on_one_rank_raises_on_every_rank():
+    res = run_threads(_thread_columns_nan, 2)
+    assert all(isinstance(r, ValueError) and "non-finite" in str(r) for r in res), res
 
 
 # --------------------------------------------------------------------------- torch.prune
