@@ -277,12 +277,14 @@ def _global_positive_topk_cols(X: Tensor, k: int, scope: _Scope) -> Tensor:
     return keep.reshape(n, b, m).transpose(0, 1).reshape(*batch, n, m)
 
 
-def _positive_topk_mask(X: Tensor, k: int, dim: int, scope: _Scope | None) -> Tensor:
+def _positive_topk_mask(X: Tensor, k: int, dim: int, scope: _Scope | None, col_select: str = "radix") -> Tensor:
     """Mask of the entries that are positive *and* among the k largest of their column
     (``dim=-2``) or row (``dim=-1``) — all the dual plan ``[X]₊/γ`` needs. Locally only
     the columns/rows with more than k positive entries (the binding ones) are sorted,
     which skips the top-k entirely once the cap is slack."""
     if scope is not None and scope.glob and dim == -2:
+        if col_select == "gather":
+            return _topk_cols(X, k, scope)[0] & (X > 0)
         return _global_positive_topk_cols(X, k, scope)
     pos = X > 0
     over = pos.sum(dim) > k
@@ -524,6 +526,7 @@ def sparse_ot_plan(
     history: int = 10,
     comm=None,
     dtype: torch.dtype | None = None,
+    col_select: str = "radix",
 ) -> OTResult:
     """Sparsity-constrained, squared-L2-regularised OT (Liu, Puigcerver, Blondel 2023).
 
@@ -559,7 +562,9 @@ def sparse_ot_plan(
     ``[m, 256]`` histograms + one all-gather of ``m`` tie counts, independent of k and of
     the number of ranks; the semi-dual column form also needs the selected values and
     all-gathers every rank's ``k·m`` candidates instead — keep k small there; row caps
-    need none) and one all-reduce of ``2m+2`` floats; per iteration one all-reduce
+    need none) and one all-reduce of ``2m+2`` floats. ``col_select="gather"`` makes
+    the dual use the candidate all-gather too: fewer bytes and rounds when ``k·W`` is
+    small (a few hundred), but its buffer grows with ``k·m·W`` on every rank; per iteration one all-reduce
     of the ``O(history²)`` inner products of the two-loop recursion; per line-search
     trial one scalar all-reduce.
 
@@ -575,6 +580,8 @@ def sparse_ot_plan(
         raise ValueError(f"infeasible: max_nz_row·n = {max_nz_row * N} < {m} experts")
     if formulation not in ("dual", "semi_dual"):
         raise ValueError(f"unknown formulation {formulation!r}")
+    if col_select not in ("radix", "gather"):
+        raise ValueError(f"col_select: expected 'radix' or 'gather', got {col_select!r}")
     kc = None if max_nz_col is None or max_nz_col >= N else int(max_nz_col)
     kr = None if max_nz_row is None or max_nz_row >= m else int(max_nz_row)
     truncate_rows = kc is not None and kr is not None
@@ -601,7 +608,8 @@ def sparse_ot_plan(
             X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
             if axis == "none":
                 return X.clamp_min(0) / gamma
-            mask = _positive_topk_mask(X, kc, -2, scope) if axis == "col" else _positive_topk_mask(X, kr, -1, None)
+            mask = (_positive_topk_mask(X, kc, -2, scope, col_select) if axis == "col"
+                    else _positive_topk_mask(X, kr, -1, None))
             return torch.where(mask, X, torch.zeros_like(X)) / gamma
 
         def evaluate(x):

@@ -305,21 +305,24 @@ def select_bottom_k_columns(scores: torch.Tensor, k_fn: Callable[[torch.Tensor],
         if r > 0:
             cand = cand & ((u >> (shift + 8)) == (prefix >> (shift + 8)).unsqueeze(0))
         byte = ((u >> shift) & 0xFF).long()
-        hist = torch.bincount((col * 256 + byte)[cand], minlength=m * 256).view(m, 256)
+        # int32 on the wire (counts of one matrix's entries fit): half the bytes of int64
+        hist = torch.bincount((col * 256 + byte)[cand], minlength=m * 256).to(torch.int32).view(m, 256)
         if r == 0:
-            bad = (elig & ~torch.isfinite(x)).sum().reshape(1)
+            bad = (elig & ~torch.isfinite(x)).sum().to(torch.int32).reshape(1)
             flat = torch.cat([hist.reshape(-1), bad])
             flat = comm.all_reduce(flat) if comm is not None else flat
-            hist, bad = flat[:-1].view(m, 256), flat[-1]
+            hist, bad = flat[:-1].view(m, 256).long(), flat[-1]
             if int(bad):
                 raise ValueError(f"non-finite (NaN/inf) scores among {int(bad)} eligible entries")
             counts = hist.sum(1)
             ks = torch.as_tensor(k_fn(counts), dtype=torch.int64, device=dev).reshape(m)
             if bool(((ks < 0) | (ks > counts)).any()):
                 raise ValueError(f"cannot select {ks.tolist()} of {counts.tolist()} eligible entries per column")
+            if not bool((ks > 0).any()):  # nothing to select anywhere (replicated: every rank stops)
+                return torch.zeros_like(elig)
             k_rem = ks.clone()
-        elif comm is not None:
-            hist = comm.all_reduce(hist)
+        else:
+            hist = (comm.all_reduce(hist) if comm is not None else hist).long()
         cum = hist.cumsum(1)
         bins = (cum < k_rem.unsqueeze(1)).sum(1).clamp_max(255)
         lower = torch.cat([torch.zeros(m, 1, dtype=torch.int64, device=dev), cum], 1).gather(1, bins[:, None])[:, 0]

@@ -88,6 +88,8 @@ def cuts(sizes):
 SOLVERS = [
     ("sinkhorn", lambda C, c: sinkhorn_plan(C, eps=0.3, tol=1e-10, comm=c), True),
     ("dual_col", lambda C, c: sparse_ot_plan(C, gamma=0.5, max_nz_col=4, tol=1e-9, comm=c), False),
+    ("dual_col_gather", lambda C, c: sparse_ot_plan(C, gamma=0.5, max_nz_col=4, tol=1e-9, comm=c,
+                                                    col_select="gather"), False),
     ("semi_col", lambda C, c: sparse_ot_plan(C, gamma=0.5, max_nz_col=4, tol=1e-9, formulation="semi_dual",
                                              comm=c), False),
     ("dual_row", lambda C, c: sparse_ot_plan(C, gamma=0.5, max_nz_row=2, tol=1e-9, comm=c), False),
