@@ -56,8 +56,14 @@ def plan(cfg: RunConfig, world_size: int | None = None) -> dict:
     p, g, o = max(per_rank, key=lambda x: sum(x))
     gathered = 0
     if sharded_params:
+        from distreg.models.moe import expert_parameters
+
+        # MoE experts stay expert-parallel (each rank computes with its own experts):
+        # they are never part of the all-gathered block.
+        experts = {id(t) for t in expert_parameters(model)}
         blocks = transformer_blocks(model) or [model]
-        gathered = max(sum(t.numel() for t in b.parameters()) for b in blocks) * _BYTES[s.mixed_precision.param_dtype]
+        gathered = max(sum(t.numel() for t in b.parameters() if id(t) not in experts) for b in blocks) \
+            * _BYTES[s.mixed_precision.param_dtype]
     hooks = build_hooks(cfg.hooks)
     hook_bytes = {h.name: h.plan_memory_bytes(p) for h in hooks if hasattr(h, "plan_memory_bytes")}
     total = sum(t.numel() for t in model.parameters())

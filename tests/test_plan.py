@@ -40,3 +40,25 @@ def test_dry_run_prints_plan_without_training():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "6.738B parameters" in proc.stdout and "fsdp2 over 8 ranks" in proc.stdout
+
+
+def test_moe_experts_are_split_by_expert_and_never_gathered():
+    # llama-tiny, 4 experts in every block, 4 ranks: each rank holds one expert per layer.
+    cfg = load_config(None, ["model.moe_num_experts=4", "model.moe_group_size=32", "scaling.num_workers=4",
+                             "strategy.name=fsdp2", "train.global_batch_size=16"])
+    info = plan(cfg)
+    dim, ffn, E, layers = 64, 176, 4, 2
+    expert_numel = 3 * dim * ffn  # w1, w3, w2 of one expert
+    block_non_expert = sum(p.numel() for n, p in _tiny_moe_block(cfg).named_parameters() if n.split(".")[-1] not in
+                           ("w1", "w2", "w3"))
+    assert info["bytes"]["gathered"] == 4 * block_non_expert  # fp32, attention + norms + router only
+    assert block_non_expert < expert_numel * E  # the experts would have dominated
+    per_rank_experts = layers * expert_numel  # one expert of each layer
+    assert info["bytes"]["params"] >= 4 * per_rank_experts
+    assert info["bytes"]["params"] < 4 * E * per_rank_experts  # not every expert on every rank
+
+
+def _tiny_moe_block(cfg):
+    from distreg.models import build_model
+
+    return build_model(cfg.model, 0, "meta").layers[0]
