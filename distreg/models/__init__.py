@@ -19,7 +19,7 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
         args = llama_args(
             cfg.preset, vocab_size=cfg.vocab_size, dim=cfg.dim, n_layers=cfg.n_layers, n_heads=cfg.n_heads,
             n_kv_heads=cfg.n_kv_heads, ffn_dim=cfg.ffn_dim, max_seq_len=cfg.max_seq_len, norm_eps=cfg.norm_eps,
-            rope_theta=cfg.rope_theta, init_std=cfg.init_std,
+            rope_theta=cfg.rope_theta, init_std=cfg.init_std, ffn_activation=cfg.ffn_activation,
             **({} if not cfg.moe_num_experts else dict(
                 moe_num_experts=cfg.moe_num_experts, moe_top_k=cfg.moe_top_k,
                 moe_capacity_factor=cfg.moe_capacity_factor, moe_layers=cfg.moe_layers, moe_router=cfg.moe_router,

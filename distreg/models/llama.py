@@ -13,6 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distreg.models.dice import ZERO_INIT_SUFFIXES as DICE_ZERO_INIT
+from distreg.models.dice import Dice
+
+FFN_ACTIVATIONS = ("swiglu", "dice")
+
 
 @dataclass(frozen=True)
 class LlamaArgs:
@@ -26,6 +31,8 @@ class LlamaArgs:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    # Dense feed-forward: "swiglu" w2(silu(w1 x) * w3 x) or "dice" w2(Dice(w1 x)) (FeedForward).
+    ffn_activation: str = "swiglu"
     # Mixture of experts (distreg.models.moe): blocks in `moe_layers` get an MoE feed-forward.
     moe_num_experts: int = 0
     moe_top_k: int = 2
@@ -41,7 +48,8 @@ class LlamaArgs:
     def num_params(self) -> int:
         head_dim = self.dim // self.n_heads
         attn = self.dim * head_dim * (self.n_heads * 2 + self.n_kv_heads * 2)
-        ffn = 3 * self.dim * self.ffn_dim
+        # SwiGLU: w1, w3, w2; Dice: w1, w2 and one alpha per hidden unit
+        ffn = (3 * self.dim if self.ffn_activation == "swiglu" else 2 * self.dim + 1) * self.ffn_dim
         block = attn + ffn + 2 * self.dim
         moe = len(self.moe_layers) * (self.moe_num_experts * (3 * self.dim * (self.moe_ffn_dim or self.ffn_dim)
                                                               + self.dim) - ffn)
@@ -76,6 +84,8 @@ def llama_args(preset: str | None, **overrides) -> LlamaArgs:
         layers = ()
     values["moe_layers"] = layers
     args = LlamaArgs(**values)
+    if args.ffn_activation not in FFN_ACTIVATIONS:
+        raise ValueError(f"model.ffn_activation: unknown activation {args.ffn_activation!r}; known: {FFN_ACTIVATIONS}")
     if args.dim % args.n_heads or args.n_heads % args.n_kv_heads:
         raise ValueError("model.dim must be divisible by model.n_heads, and n_heads by n_kv_heads")
     return args
@@ -87,7 +97,10 @@ def init_values(name: str, shape: torch.Size, seed: int, std: float) -> torch.Te
 
     Keying by name makes a sharded model initialised on the meta device, one parameter
     at a time, bitwise equal to the same model initialised whole in one process.
+    Dice's per-feature alpha (and beta) start at zero, as in the DIN repository.
     """
+    if name.endswith(DICE_ZERO_INIT):
+        return torch.zeros(shape)
     if len(shape) == 1:
         return torch.ones(shape)
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -141,15 +154,23 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+    """SwiGLU: w2(silu(w1 x) * w3 x) (`ffn_activation="swiglu"`), or w2(Dice(w1 x))
+    (`"dice"`): DIN puts Dice after a plain linear layer, so the Dice FFN has no gate w3
+    (2/3 of SwiGLU's FFN weights at the same ffn_dim, plus one alpha per hidden unit) and
+    normalises each hidden unit over the global batch's tokens (`distreg.models.dice`)."""
 
     def __init__(self, a: LlamaArgs):
         super().__init__()
         self.w1 = nn.Linear(a.dim, a.ffn_dim, bias=False)
-        self.w3 = nn.Linear(a.dim, a.ffn_dim, bias=False)
+        if a.ffn_activation == "dice":
+            self.dice = Dice(a.ffn_dim)
+        else:
+            self.w3 = nn.Linear(a.dim, a.ffn_dim, bias=False)
         self.w2 = nn.Linear(a.ffn_dim, a.dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "dice"):
+            return self.w2(self.dice(self.w1(x)))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -199,6 +220,9 @@ class Llama(nn.Module):
         """Recompute the RoPE tables (after `to_empty` on a model built on meta)."""
         cos, sin = rope_tables(self.args.dim // self.args.n_heads, self.args.max_seq_len, self.args.rope_theta)
         self.rope_cos, self.rope_sin = cos.to(self.rope_cos.device), sin.to(self.rope_sin.device)
+        for mod in self.modules():
+            if isinstance(mod, Dice):  # running statistics (buffers): fresh, as at construction
+                mod.reset_running_stats()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         t = tokens.shape[1]

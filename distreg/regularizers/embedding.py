@@ -59,6 +59,13 @@ def dice_batch_moments(s: torch.Tensor, comm: Comm | None = None) -> tuple[torch
     """Per-channel mean and population variance over dim 0 of the *global* batch, SyncBN style:
     (sum s, sum s^2, count) are all-reduced in forward and their gradients in backward
     ("partial" convention), so the ranks' gradients sum to the single-process gradient."""
+    mean, var, _ = dice_batch_stats(s, comm)
+    return mean, var
+
+
+def dice_batch_stats(s: torch.Tensor, comm: Comm | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`dice_batch_moments` plus the global sample count (a detached scalar), from the same
+    single all-reduce: what a module needs to also update running statistics."""
     x = s.reshape(s.shape[0], math.prod(s.shape[1:])).to(torch.promote_types(s.dtype, torch.float32))
     local = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
     total = sum_partial(local, comm)
@@ -67,7 +74,7 @@ def dice_batch_moments(s: torch.Tensor, comm: Comm | None = None) -> tuple[torch
     mean = total[:c] / n
     var = total[c : 2 * c] / n - mean * mean
     shape = s.shape[1:]
-    return mean.reshape(shape).to(s.dtype), var.reshape(shape).to(s.dtype)
+    return mean.reshape(shape).to(s.dtype), var.reshape(shape).to(s.dtype), n
 
 
 def dice(s: torch.Tensor, alpha: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,

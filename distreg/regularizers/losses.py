@@ -142,6 +142,16 @@ def tcm_loss(embeddings: torch.Tensor, labels: torch.Tensor, pos_margin: float =
     numerator's gradient is doubled (value unchanged); by symmetry s_ij = s_ji this is exact.
     [DERIVED] The spec's recipe without the doubling would yield half the gradient.
     """
+    return tcm_terms(embeddings, labels, pos_margin, neg_margin, pos_weight, neg_weight, comm)[0]
+
+
+def tcm_terms(embeddings: torch.Tensor, labels: torch.Tensor, pos_margin: float = 0.9, neg_margin: float = 0.5,
+              pos_weight: float = 1.0, neg_weight: float = 1.0,
+              comm: Comm | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`tcm_loss` and, for monitoring, a detached float64 vector of this rank's shares
+    [positive part, negative part, hard positive pairs, hard negative pairs, positive pairs,
+    negative pairs] (parts unweighted; pairs counted over this rank's anchors): summed over
+    ranks it gives the global parts and pair counts."""
     refs, offset = gather_spliced(embeddings.detach(), comm)
     ref_labels, _ = gather_spliced(labels, comm)
     n = embeddings.shape[0]
@@ -150,14 +160,16 @@ def tcm_loss(embeddings: torch.Tensor, labels: torch.Tensor, pos_margin: float =
     rows = torch.arange(n, device=sim.device)
     not_self[rows, rows + offset] = False
     same = labels.unsqueeze(1) == ref_labels.unsqueeze(0)
-    pos = same & not_self & (sim <= pos_margin)
-    neg = ~same & not_self & (sim >= neg_margin)
+    pos_all, neg_all = same & not_self, ~same & not_self
+    pos = pos_all & (sim <= pos_margin)
+    neg = neg_all & (sim >= neg_margin)
     zero = torch.zeros((), dtype=sim.dtype, device=sim.device)
     num = torch.stack([torch.where(pos, pos_margin - sim, zero).sum(), torch.where(neg, sim - neg_margin, zero).sum()])
     counts = all_reduce_nograd(torch.stack([pos.sum(), neg.sum()]).to(sim.dtype), comm)
     num = 2 * num - num.detach()
     parts = torch.where(counts > 0, num / counts.clamp(min=1), zero)
-    return pos_weight * parts[0] + neg_weight * parts[1]
+    stats = torch.cat([parts.detach(), torch.stack([pos.sum(), neg.sum(), pos_all.sum(), neg_all.sum()]).to(sim)])
+    return pos_weight * parts[0] + neg_weight * parts[1], stats.to(torch.float64).cpu()
 
 
 # --------------------------------------------------------------------------- CS-IB (12)
@@ -209,6 +221,36 @@ def cs_qmi_normalized(x: torch.Tensor, t: torch.Tensor, sigma: float = 1.0) -> t
     return cs_qmi(x, t, sigma) / (torch.sqrt(cs_qmi(x, x, sigma)) * torch.sqrt(cs_qmi(t, t, sigma)))
 
 
+def cs_divergence_reference_1d(y: torch.Tensor, y_hat: torch.Tensor, sigma: float = 1.0) -> torch.Tensor:
+    """What the reference `CS_Div` computes when targets and predictions are 1-D ([N], as in
+    its California-housing script, where `train_y` is [N] and the decoder output is
+    squeezed) [CODE, DERIVED]: its `GaussianMatrix` then sums over the whole vector, so every
+    target kernel is one constant matrix (L1 = L2 = 1, L21 = exp(-||y_hat - y||^2 / 2 sigma^2))
+    and D_CS = -2 log2 L21 = ||y_hat - y||^2 / (sigma^2 ln 2): a scaled sum of squared errors,
+    independent of x. Offered only to reproduce the reference's numbers."""
+    diff = (y_hat - y).reshape(-1)
+    return (diff * diff).sum() / (sigma**2 * math.log(2.0))
+
+
+def cs_ib_terms(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, t: torch.Tensor, sigma: float = 1.0,
+                denominator: str = "sum_sq", comm: Comm | None = None,
+                prediction: str = "cs_div") -> tuple[torch.Tensor, torch.Tensor]:
+    """The two CS-IB terms (D_CS(y, y_hat | x), normalised I_CS(x; t)) over the global batch,
+    gathered with the local rows spliced back (spec P5; see `cs_ib_loss`).
+    `prediction="reference_1d"` replaces D_CS by `cs_divergence_reference_1d`."""
+    if prediction not in ("cs_div", "reference_1d"):
+        raise ValueError(f"prediction must be 'cs_div' or 'reference_1d', got {prediction!r}")
+    x, _ = gather_spliced(x, comm)
+    y, _ = gather_spliced(y, comm)
+    y_hat, _ = gather_spliced(y_hat, comm)
+    t, _ = gather_spliced(t, comm)
+    if prediction == "cs_div":
+        d_cs = cs_divergence(x, y, y_hat, sigma, denominator)
+    else:
+        d_cs = cs_divergence_reference_1d(y, y_hat, sigma)
+    return d_cs, cs_qmi_normalized(x, t, sigma)
+
+
 def cs_ib_loss(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, t: torch.Tensor, beta: float = 0.01,
                sigma: float = 1.0, denominator: str = "sum_sq", comm: Comm | None = None) -> torch.Tensor:
     """CS-IB regression loss D_CS(y, y_hat | x) + beta * normalised I_CS(x; t) [CODE]
@@ -220,8 +262,5 @@ def cs_ib_loss(x: torch.Tensor, y: torch.Tensor, y_hat: torch.Tensor, t: torch.T
     sum to the true gradient (multiply by the world size under an averaging strategy). The
     value depends on the global batch size, not on the split.
     """
-    x, _ = gather_spliced(x, comm)
-    y, _ = gather_spliced(y, comm)
-    y_hat, _ = gather_spliced(y_hat, comm)
-    t, _ = gather_spliced(t, comm)
-    return cs_divergence(x, y, y_hat, sigma, denominator) + beta * cs_qmi_normalized(x, t, sigma)
+    d_cs, i_xt = cs_ib_terms(x, y, y_hat, t, sigma, denominator, comm)
+    return d_cs + beta * i_xt

@@ -51,8 +51,14 @@ class DeepSpeedStrategy(Strategy):
     def create_model(self, build, lazy: bool) -> nn.Module:
         if not (lazy and self.sharded):
             return build("cpu", True)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if self.device.type == "cpu" else "cuda")
         import deepspeed
+        import torch.distributed as dist
 
+        # zero.Init reads the world size from deepspeed.comm: attach it to our (already
+        # initialised) process group first, or a fresh process sees a world of 1.
+        if dist.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         # Parameters are partitioned as each module is constructed: the whole model never
         # exists on one rank. Values come from `materialize` after initialize().
         with deepspeed.zero.Init(config_dict_or_path=self.ds_config()):
