@@ -100,6 +100,7 @@ class HookContext:
     epoch_fn: Callable[[], int] | None = None  # the data position's current epoch
     artifact_fn: Callable[[str, str | None], None] | None = None  # MLflow upload, rank 0 only
     lr_fn: Callable[[], float] | None = None  # the optimizer's current learning rate
+    base_lr: float | None = None  # optim.lr: the schedule's peak learning rate
 
     @property
     def lr(self) -> float | None:

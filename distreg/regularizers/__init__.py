@@ -15,6 +15,8 @@ world-size-1 `Comm`). Distributed gradient conventions ("replicated" parameter t
 - `wdr`: EQ-Net weight-distribution regulariser.
 - `nested_dropout`: half-Gaussian nested dropout with a step-keyed draw.
 - `hessian`: Hutchinson trace with index-keyed probes, finite-difference variants.
+- `sorsa`: SORSA SVD split, orthonormal regulariser (value + closed-form gradient), merge.
+- `distill`: teacher-ensemble soft targets and distillation losses (MEAL V2, FerKD).
 """
 from distreg.regularizers.embedding import (
     batch_presence,
@@ -25,6 +27,9 @@ from distreg.regularizers.embedding import (
     mba_l2,
 )
 from distreg.regularizers.grad_ops import orthograd, softmax_collapse_counts
+from distreg.regularizers.sorsa import SvdSplit, gram, orth_norm, principal, svd_split
+from distreg.regularizers.sorsa import merge as sorsa_merge
+from distreg.regularizers.sorsa import orth_loss as sorsa_orth_loss
 from distreg.regularizers.group_sparsity import group_sq_norms, sparse_envelope, sparse_envelope_gap, wgsef_prox
 from distreg.regularizers.hessian import (
     TraceEstimate,
@@ -76,6 +81,7 @@ __all__ = [
     "feature_counts", "batch_presence", "mba_l2", "dice_batch_moments", "dice", "dice_reference",
     "standardized_moments", "wdr_loss",
     "nested_dropout_probs", "nested_dropout_keep", "nested_dropout",
+    "SvdSplit", "svd_split", "principal", "gram", "orth_norm", "sorsa_orth_loss", "sorsa_merge",
     "TraceEstimate", "rademacher", "hvp", "hutchinson_trace", "vhv_from_gradients", "vhv_from_losses",
     "stability_ratio",
 ]

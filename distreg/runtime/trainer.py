@@ -65,7 +65,7 @@ class Trainer:
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
         self.strategy.setup(model)
         self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
-        self.ctx.lr_fn = self.strategy.lr
+        self.ctx.lr_fn, self.ctx.base_lr = self.strategy.lr, cfg.optim.lr
         if lazy:
             materialize(self.strategy.local_shards(), cfg.train.seed, cfg.model.init_std)
         # MoE layers leave their router aux / z losses on the module after each forward;

@@ -8,6 +8,9 @@ functional cores in `distreg.regularizers`, usable by name from YAML.
 - `gradients`: `perp_grad` (⊥Grad on the reduced gradients).
 - `monitors`: `hessian_trace` (Hutchinson, logged beside 2 / lr).
 - `features`: `nested_dropout` (ordered feature dropout keyed by the step).
+- `embeddings`: `normalized_softmax`, `tcm`, `cs_ib` (losses on the head's input features).
+- `distillation`: teacher-ensemble distillation (MEAL V2) and FerKD.
+- `sorsa`: SVD adapters with the orthonormal regulariser (merge: `distreg adapters merge`).
 
 Each module's docstring states the order of its events inside a step, its communication
 and its metrics; `_common` describes how whole-matrix terms reach sharded weights.
