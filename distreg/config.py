@@ -39,6 +39,11 @@ class ModelConfig(_Strict):
     # "meta": build without weights, shard, then initialise each rank's slice (FSDP2,
     # ZeRO-3); for models too large to build whole on one rank. Same values as "cpu".
     init_device: Literal["cpu", "meta"] = "cpu"
+    # Start from these weights instead of the random init: a torch.save'd state dict (e.g.
+    # model.pt of `distreg prune dsnot`, `distreg adapters merge`) or a distreg checkpoint
+    # (a step directory or a checkpoint root, any strategy). Written into every rank's
+    # shards after sharding; parameters only (buffers keep their init). --resume wins.
+    init_from: str | None = None
     # Mixture of experts (llama): 0 = dense SwiGLU everywhere. Experts are spread over the
     # ranks (expert parallelism: moe_num_experts divisible by scaling.num_workers).
     moe_num_experts: int = Field(0, ge=0)

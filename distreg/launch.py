@@ -31,7 +31,21 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
     if cfg.checkpoint.dir and not _is_url(cfg.checkpoint.dir):
         cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
     cfg.tracking.uri = cfg.tracking.uri or default_tracking_uri(cfg.run_dir)
+    cfg.hooks = [_hook_paths(spec) for spec in cfg.hooks]
     return cfg
+
+
+def _hook_paths(spec):
+    """A hook entry with the local paths its hook declares made absolute."""
+    from distreg.hooks.registry import hook_class
+
+    cls = hook_class(spec.name)
+    params = cls.resolve_paths(dict(spec.model_extra or {}), _absolute)
+    return type(spec).model_validate({"name": spec.name, **params})
+
+
+def _absolute(path: str) -> str:
+    return path if _is_url(path) else str(Path(path.removeprefix("file://")).resolve())
 
 
 def _worker_env(cfg: RunConfig) -> dict[str, str]:

@@ -99,3 +99,21 @@ def test_cli_config_show_prints_resolved_config(tmp_path):
 def test_every_shipped_config_validates(path):
     cfg = load_config(str(Path(__file__).resolve().parents[1] / "configs" / path))
     assert cfg.run_dir
+
+
+def test_launcher_makes_hook_file_paths_absolute(tmp_path, monkeypatch):
+    from distreg.launch import resolve_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "masks.pt").write_bytes(b"")
+    hooks = ('[{name: dsnot, mask_file: masks.pt, sparsity: 0.5}, '
+             '{name: mba_l2, lam: 0.1, counts_file: s3://bucket/counts.pt}]')
+    cfg = resolve_paths(load_config(None, [f"hooks={hooks}", "data.path=tokens"]))
+    assert cfg.hooks[0].model_extra["mask_file"] == str(tmp_path / "masks.pt")
+    assert cfg.hooks[0].model_extra["sparsity"] == 0.5
+    assert cfg.hooks[1].model_extra["counts_file"] == "s3://bucket/counts.pt"  # URLs untouched
+    from distreg.hooks.registry import hook_class
+
+    teachers = {"teachers": [{"checkpoint": "t1/ckpt", "config": None}, {"checkpoint": "/abs/t2"}], "coef": 1}
+    out = hook_class("distillation").resolve_paths(teachers, lambda p: "/root/" + p if not p.startswith("/") else p)
+    assert out == {"teachers": [{"checkpoint": "/root/t1/ckpt", "config": None}, {"checkpoint": "/abs/t2"}], "coef": 1}

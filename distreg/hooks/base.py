@@ -101,6 +101,7 @@ class HookContext:
     artifact_fn: Callable[[str, str | None], None] | None = None  # MLflow upload, rank 0 only
     lr_fn: Callable[[], float] | None = None  # the optimizer's current learning rate
     base_lr: float | None = None  # optim.lr: the schedule's peak learning rate
+    model_config: Any = None  # the run's ModelConfig (hooks that build related models: teachers)
 
     @property
     def lr(self) -> float | None:
@@ -143,6 +144,14 @@ class Hook:
 
     name: str = ""
     replaces_loss: bool = False  # two hooks that replace the loss cannot be combined
+    # Parameters holding local file paths: made absolute in the driver before the config
+    # travels to Ray workers, whose working directory differs (`resolve_paths`).
+    path_params: tuple[str, ...] = ()
+
+    @classmethod
+    def resolve_paths(cls, params: dict, resolve: Callable[[str], str]) -> dict:
+        """`params` (the YAML entry) with its local paths passed through `resolve`."""
+        return {k: resolve(v) if k in cls.path_params and isinstance(v, str) else v for k, v in params.items()}
 
     class Params(BaseModel):
         model_config = ConfigDict(extra="forbid")

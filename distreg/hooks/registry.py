@@ -25,6 +25,11 @@ def _load_builtin() -> None:
     from distreg.hooks import sara, dsnot, layer_adaptive  # noqa: F401
 
 
+def hook_class(name: str) -> type[Hook]:
+    _load_builtin()
+    return _REGISTRY[name]
+
+
 def available() -> list[str]:
     _load_builtin()
     return sorted(_REGISTRY)

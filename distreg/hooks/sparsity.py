@@ -483,6 +483,7 @@ class MaskSparsity(Hook):
     mask slices. Needs `ParamShard.write_grad` (DDP, FSDP2, ZeRO-3; not fp16 loss scaling)."""
 
     name = "mask_sparsity"
+    path_params = ("mask_file",)
 
     class Params(Hook.Params):
         strength: float = Field(5e-4, ge=0, description="s, the penalty weight")

@@ -22,6 +22,7 @@ from distreg.data import build_data
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
+from distreg.runtime.weights import init_shards_from
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
@@ -59,7 +60,8 @@ class Trainer:
         model = self.strategy.create_model(
             lambda device, init: build_model(cfg.model, cfg.train.seed, device, init), lazy)
         self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
-                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=cfg.run_dir)
+                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=cfg.run_dir,
+                               model_config=cfg.model)
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
@@ -68,6 +70,8 @@ class Trainer:
         self.ctx.lr_fn, self.ctx.base_lr = self.strategy.lr, cfg.optim.lr
         if lazy:
             materialize(self.strategy.local_shards(), cfg.train.seed, cfg.model.init_std)
+        if cfg.model.init_from:
+            init_shards_from(self.strategy.local_shards(), cfg.model.init_from)
         # MoE layers leave their router aux / z losses on the module after each forward;
         # train_step adds them to the penalties (empty for dense models).
         self.moe_layers = [m for _, m in moe_layers(self.strategy.module)]

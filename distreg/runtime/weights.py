@@ -13,6 +13,8 @@ readers, no process group needed:
 
 Names are the model's own (`layers.0.attention.wq.weight`, ...), as `build_model` gives
 them, so `model.load_state_dict(load_model_weights(path))` works on a fresh model.
+`init_shards_from` writes such weights (or a torch.save'd state dict) into a sharded
+model's local shards: `model.init_from`.
 """
 from __future__ import annotations
 
@@ -91,3 +93,30 @@ def load_into(model: torch.nn.Module, path: str) -> None:
             raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)} in the checkpoint, "
                                   f"{tuple(own[name].shape)} in the model")
     model.load_state_dict(weights)
+
+
+def read_weights(path: str) -> dict[str, torch.Tensor]:
+    """A torch.save'd state dict file (memory-mapped, so ranks on one node share the
+    pages), or the weights of a distreg checkpoint directory."""
+    fs, local = fsspec.core.url_to_fs(path)
+    if fs.isfile(local):
+        if "://" in path and not path.startswith("file://"):
+            with fs.open(local, "rb") as f:
+                return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+    return load_model_weights(path)
+
+
+def init_shards_from(shards, path: str) -> None:
+    """Write the weights at `path` into this rank's local shards (`ParamShard`s); called
+    on every rank (the writes are collective under ZeRO-3). Every trainable parameter
+    must be there with its full shape; extra entries (buffers, other heads) are ignored."""
+    weights = read_weights(path)
+    for shard in shards:
+        if shard.name not in weights:
+            raise CheckpointError(f"model.init_from={path}: no weights for parameter {shard.name}")
+        full = weights[shard.name].reshape(-1)
+        if full.numel() != shard.full_shape.numel():
+            raise CheckpointError(f"model.init_from={path}: {shard.name} has {full.numel()} values, "
+                                  f"the model's has {shard.full_shape.numel()} ({tuple(shard.full_shape)})")
+        shard.write(full[shard.flat_start:shard.flat_start + shard.numel].to(shard.data().dtype))

@@ -6,6 +6,9 @@
   unstructured masks, ER / ERK layer densities, index-keyed random masks (spec S6).
 - `iss`: ISS-P selection counts, per-layer selection, soft shrink, N:M selection.
 - `schedules`: Zhu & Gupta cubic gradual-pruning schedule.
+- `layer_adaptive`: per-layer sparsity allocation by dynamic programming over
+  output-distortion curves (Xu et al. 2023): level grid, budget rule, distortion sums.
+- `dsnot`: DSnoT calibration statistics, Wanda masks, prune-and-grow cycles per row.
 - `sara`: SaRA trainable masks (threshold / exact fraction), re-selection, masked
   nuclear-norm gradient, the paper's lr rule.
 

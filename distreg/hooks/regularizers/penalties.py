@@ -362,6 +362,7 @@ class MbaL2(_ParamPenalty):
     of rows in the batch), `lam`. State: the running counts."""
 
     name = "mba_l2"
+    path_params = ("counts_file",)
     candidates_all = True
 
     class Params(SelectParams):

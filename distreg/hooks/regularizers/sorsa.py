@@ -119,6 +119,7 @@ def _load_initial(model: nn.Module, path: str) -> None:
 @register
 class Sorsa(ValuesHook):
     name = "sorsa"
+    path_params = ("init_from",)
 
     class Params(SelectParams):
         include: list[str] = Field(["layers.*.attention.*.weight", "layers.*.feed_forward.*.weight"],
