@@ -9,7 +9,9 @@ and mean, which includes periodic work such as `hessian_trace` every N steps).
 Each rank is a spawned gloo process (`distreg.testing.run_distributed`, also for one
 rank); times are rank 0's. `hessian_trace` runs every `--hessian-every` steps (its cost
 per estimate is 1 + 2 m probe forwards), `trained_rank_pruning` projects every step
-(period 1, the reference default).
+(period 1, the reference default); `distillation` runs one teacher of the student's size
+(trained one step first); `sorsa` adapts every block projection at rank 16; `sara` trains
+the smallest 10 % of each 2-D weight.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ HOOKS = {
     "z_loss_spherical": [{"name": "z_loss_spherical", "a": 1.0, "b": 1.0}],
     "collapse_monitor": [{"name": "collapse_monitor"}],
     "hessian_trace": [{"name": "hessian_trace", "every": 10, "max_probes": 3}],
+    "normalized_softmax": [{"name": "normalized_softmax"}],
+    "tcm": [{"name": "tcm"}],
+    "sorsa": [{"name": "sorsa", "rank": 16}],
+    "distillation": [{"name": "distillation", "teachers": [{"checkpoint": "TEACHER"}]}],
+    "sara": [{"name": "sara", "fraction": 0.1, "min_dim": 32}],
 }
 
 
@@ -51,8 +58,14 @@ def worker(data: str, root: str, args: dict) -> dict:
     torch.set_num_threads(1)
     strategy = {"ddp": ["strategy.name=ddp"], "fsdp2": ["strategy.name=fsdp2"],
                 "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}[args["strategy"]]
+    # the distillation teacher: a tiny Llama of the same shape, trained for one step
+    teacher = load_config(None, [f"data.path={data}", f"run_dir={root}/teacher", f"data.seq_len={args['seq_len']}",
+                                 f"scaling.num_workers={args['world']}", f"train.global_batch_size={args['batch']}",
+                                 "train.max_steps=1", *strategy])
+    Trainer(teacher, Comm(), track=False).fit()
     trainers = {}
     for name, hooks in HOOKS.items():
+        hooks = json.loads(json.dumps(hooks).replace('"TEACHER"', json.dumps(f"{root}/teacher/checkpoints")))
         cfg = load_config(None, [
             f"data.path={data}", f"run_dir={root}/{name}", f"data.seq_len={args['seq_len']}",
             f"scaling.num_workers={args['world']}", f"train.global_batch_size={args['batch']}",
