@@ -13,7 +13,9 @@ import shlex
 import sys
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-UPLOAD_EXCLUDES = [".git", "runs", "data", "mlruns", "*.egg-info", ".pytest_cache", "__pycache__"]
+# gitignore-style, as Ray matches them: a leading "/" anchors a pattern at the working
+# dir, so "/data" (the local datasets) does not also drop the package `distreg/data/`.
+UPLOAD_EXCLUDES = ["/.git", "/runs", "/data", "/mlruns", "*.egg-info", ".pytest_cache", "__pycache__"]
 
 
 def entrypoint(config: str, overrides: list[str], resume: bool) -> str:

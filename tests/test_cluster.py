@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from distreg.submit import UPLOAD_EXCLUDES
 from distreg.testing import free_port, run_distributed
 from tests.conftest import tiny_config
 
@@ -69,8 +70,7 @@ def test_ray_job_submit_runs_a_config(ray_head, token_data, tmp_path):
     env, address = ray_head
     run_dir = tmp_path / "job"
     cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"env_vars": {"DS_ACCELERATOR": "cpu"},
-                                             "excludes": [".git", "runs", "data", "*.egg-info"]}),
+           "--runtime-env-json", json.dumps({"env_vars": {"DS_ACCELERATOR": "cpu"}, "excludes": UPLOAD_EXCLUDES}),
            "--", "python", "-m", "distreg.cli", "train", "configs/quickstart.yaml",
            "--set", f"data.path={token_data}", "--set", f"run_dir={run_dir}", "--set", "train.max_steps=4",
            "--set", "data.seq_len=32", "--set", "train.global_batch_size=8"]

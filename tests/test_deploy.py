@@ -159,3 +159,21 @@ def test_clusters_agree_with_repo(name, spec, entrypoint):
             total_gpus = sum(g["replicas"] * int(g["rayStartParams"]["num-gpus"]) for g in spec["workerGroupSpecs"])
             assert cfg.scaling.num_workers * cfg.scaling.gpus_per_worker == total_gpus, name
             assert cfg.scaling.use_gpu
+
+
+def test_job_upload_keeps_every_package_file_and_drops_local_data(tmp_path):
+    """`distreg submit` uploads the working dir minus UPLOAD_EXCLUDES, matched the way
+    Ray matches them: the package (incl. `distreg/data/`) must travel, `data/` must not."""
+    from pathlib import Path
+
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    from distreg.submit import UPLOAD_EXCLUDES
+
+    repo = Path(__file__).resolve().parents[1]
+    excluded = _get_excludes(repo, UPLOAD_EXCLUDES)
+    package = [p for p in (repo / "distreg").rglob("*.py")]
+    assert any("/data/" in str(p) for p in package)
+    assert not [p for p in package if excluded(p)]
+    for local in ("data/quickstart_tokens", "runs/x", ".git", "mlruns"):
+        assert excluded(repo / local), local
