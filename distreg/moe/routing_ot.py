@@ -259,21 +259,41 @@ def _topk_cols(X: Tensor, k: int, scope: _Scope):
 def _global_positive_topk_cols(X: Tensor, k: int, scope: _Scope) -> Tensor:
     """Global scope: the positive entries among the k largest of each column over every
     rank's rows, by the exact distributed selection of the sparsity package (S1 radix
-    select, `select_bottom_k_columns`): per column, drop the smallest `P_j − k` of its
-    `P_j` positive entries (P_j counted over all ranks). Only per-expert histograms travel
-    (4 all-reduces of ``[m, 256]`` counts and one all-gather of ``m`` tie counts), never
-    token values, so the cost does not grow with k or the number of ranks. Ties at a
-    column's threshold keep the higher global token index (the lower ones are dropped
-    first) — a canonical rule, identical for every split of the tokens."""
+    select, `select_bottom_k_columns`). Only per-expert histograms travel (4 all-reduces
+    of ``[m, 256]`` counts, 8 for float64, and one all-gather of ``m`` tie counts), never
+    token values, so the traffic grows with neither k nor the number of ranks.
+
+    Each rank first keeps, per column, only its entries ``>=`` its own k-th largest
+    positive value (an entry below it has k strictly larger ones on its own rank, so it
+    cannot be in the global top-k; ties at that value stay in): the radix rounds then
+    run on ``[~k, m]`` candidates instead of ``[n, m]``. Per column the smallest
+    ``C_j − k`` of the ``C_j`` candidates (counted over all ranks) are dropped; ties at a
+    column's threshold keep the higher global token index (the lower ones go first) —
+    a canonical rule, identical for every split of the tokens."""
     from distreg.sparsity.topk import select_bottom_k_columns
 
     batch = X.shape[:-2]
     n, m = X.shape[-2:]
     b = math.prod(batch)
     flat = X.reshape(b, n, m).transpose(0, 1).reshape(n, b * m)  # problems side by side as columns
-    elig = flat > 0
-    drop = select_bottom_k_columns(flat, lambda count: (count - k).clamp_min(0), scope.comm, eligible=elig)
-    keep = elig & ~drop
+    pos = flat > 0
+    if n:
+        vals = torch.where(pos, flat, torch.full_like(flat, -math.inf))
+        kth = torch.topk(vals, min(k, n), dim=0).values[-1]
+        cand = pos & (flat >= kth)
+    else:
+        cand = pos
+    K = int(cand.sum(0).max()) if n else 0
+    # candidates of each column packed in row order (keeps the canonical tie order)
+    slot = torch.where(cand, cand.long().cumsum(0) - 1, torch.full_like(flat, K, dtype=torch.long))
+    rows = torch.arange(n, device=X.device).unsqueeze(1).expand(n, b * m)
+    # unused slots point at a spare row n (value 0, never eligible)
+    idx = torch.full((K + 1, b * m), n, dtype=torch.long, device=X.device).scatter_(0, slot, rows)[:K]
+    elig = torch.zeros(K + 1, b * m, dtype=torch.bool, device=X.device).scatter_(0, slot, cand)[:K]
+    padded = torch.cat([flat, flat.new_zeros(1, b * m)])
+    drop = select_bottom_k_columns(padded.gather(0, idx), lambda count: (count - k).clamp_min(0), scope.comm,
+                                   eligible=elig)
+    keep = torch.zeros(n + 1, b * m, dtype=torch.bool, device=X.device).scatter_(0, idx, elig & ~drop)[:n]
     return keep.reshape(n, b, m).transpose(0, 1).reshape(*batch, n, m)
 
 

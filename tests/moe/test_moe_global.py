@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from distreg.moe import ot_router, sinkhorn_plan, sns_plan, sparse_ot_plan, topk_router
-from distreg.moe.routing_ot import _Scope, _topk_cols
+from distreg.moe.routing_ot import _global_positive_topk_cols, _Scope, _topk_cols
 from distreg.runtime.comm import Comm
 from distreg.testing import run_distributed
 
@@ -234,3 +234,27 @@ def test_two_gloo_ranks_match_single_process():
     assert [r["rank"] for r in per_rank] == [0, 1]
     check_solvers([r["solve"] for r in per_rank], GLOO_SIZES, "gloo")
     check_routes([r["route"] for r in per_rank], "gloo")
+
+
+def _canonical_keep(X, k):
+    """Brute force per column: the k largest positive entries; among equal values the
+    lower rows are dropped first (sort by (value, row), drop the smallest P - k)."""
+    keep = X > 0
+    for j in range(X.shape[1]):
+        rows = keep[:, j].nonzero().view(-1).tolist()
+        order = sorted(rows, key=lambda r: (float(X[r, j]), r))
+        for r in order[:max(len(rows) - k, 0)]:
+            keep[r, j] = False
+    return keep
+
+
+@pytest.mark.parametrize("sizes", [(6, 7, 4), (17, 0), (1, 1, 15)])
+def test_global_positive_topk_columns_exact_with_ties(sizes):
+    g = torch.Generator().manual_seed(sum(sizes))
+    X = torch.randint(-2, 4, (sum(sizes), 5), generator=g).to(F64)  # many ties, zeros, negatives
+    edges = cuts(sizes)
+    for k in (1, 3, 20):
+        want = _canonical_keep(X, k)
+        res = run_threads(lambda comm: _global_positive_topk_cols(
+            X[edges[comm.rank][0]:edges[comm.rank][1]], k, _Scope(comm, sizes[comm.rank], "cpu")), len(sizes))
+        assert torch.equal(torch.cat(res), want), (sizes, k)
