@@ -186,7 +186,7 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
             byte = (u >> shift) & 0xFF
             if cand is not None:
                 byte = byte[cand]
-            hist[g] += torch.bincount(byte, minlength=256)
+            hist[g] += torch.bincount(byte, minlength=256).cpu()  # shards may live on the GPU
         if r == 0:
             flat = reduce(torch.cat([hist.reshape(-1), bad, sizes]))
             n_h = n_groups * 256
@@ -248,7 +248,7 @@ def _select(shards, groups, k_fn, comm, by_abs, replicated) -> Selection:
     for i, shard in enumerate(shards):
         g = groups[i]
         e = eligibles[i]
-        k_keep = e.clone() if e is not None else torch.ones(shard.numel, dtype=torch.bool)
+        k_keep = e.clone() if e is not None else torch.ones(shard.numel, dtype=torch.bool, device=shard.scores.device)
         if live[i]:
             # slices of this param ordered by (global flat start, rank); empty ones hold no ties
             s = starts[:, i]
