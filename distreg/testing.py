@@ -67,22 +67,30 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any) -> list
         return [torch.load(f, weights_only=False) for f in files]
 
 
+def gather_full(shard, local: torch.Tensor, comm) -> torch.Tensor:
+    """The full tensor of which `local` holds this rank's range of `shard` (collective;
+    a replicated shard is returned as is)."""
+    local = local.detach().reshape(-1)[: shard.numel]
+    if shard.replicated:
+        return local.clone().view(shard.full_shape)
+    starts = comm.all_gather(torch.tensor([shard.flat_start, shard.numel]))
+    pieces = comm.all_gather_uneven(local)
+    full = torch.empty(shard.full_shape.numel(), dtype=local.dtype)
+    for (start, n), piece in zip((s.tolist() for s in starts), pieces):
+        full[start : start + n] = piece
+    return full.view(shard.full_shape)
+
+
 def gather_full_params(shards, comm) -> dict[str, torch.Tensor]:
     """Reassemble every full parameter from the ranks' `ParamShard`s (collective).
 
     A test and debugging utility: it materialises the whole model on every rank, which
     hooks must never do.
     """
-    out = {}
-    for shard in shards:
-        local = shard.data().detach().float().reshape(-1)[: shard.numel]
-        if shard.replicated:
-            out[shard.name] = local.clone().view(shard.full_shape)
-            continue
-        starts = comm.all_gather(torch.tensor([shard.flat_start, shard.numel]))
-        pieces = comm.all_gather_uneven(local)
-        full = torch.empty(shard.full_shape.numel())
-        for (start, n), piece in zip((s.tolist() for s in starts), pieces):
-            full[start : start + n] = piece
-        out[shard.name] = full.view(shard.full_shape)
-    return out
+    return {shard.name: gather_full(shard, shard.data().float(), comm) for shard in shards}
+
+
+def gather_masks(hook, ctx) -> dict[str, torch.Tensor]:
+    """Full bool masks of a mask hook (`hook.masks`: local slices by name; collective)."""
+    return {shard.name: gather_full(shard, hook.masks[shard.name].to(torch.uint8), ctx.comm).bool()
+            for shard in hook.shards(ctx)}

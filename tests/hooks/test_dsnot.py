@@ -20,7 +20,7 @@ from torch import nn
 from distreg.hooks.dsnot import DSnoTHook
 from distreg.runtime.comm import Comm
 from distreg.sparsity.dsnot import CalibrationStats, prune_rows
-from distreg.testing import gather_full_params, run_distributed
+from distreg.testing import gather_full_params, gather_masks, run_distributed
 from tests.conftest import tiny_config
 from tests.hooks.test_sparsity_hooks import Fake
 from tests.threadcomm import run_threads
@@ -202,19 +202,6 @@ STRATEGIES = {
 }
 
 
-def gather_masks(hook, ctx) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in hook.shards(ctx):
-        local = hook.masks[shard.name].to(torch.uint8)
-        if shard.replicated:
-            out[shard.name] = local.bool().view(shard.full_shape)
-            continue
-        starts = ctx.comm.all_gather(torch.tensor([shard.flat_start, shard.numel]))
-        full = torch.zeros(shard.full_shape.numel(), dtype=torch.uint8)
-        for (a, n), piece in zip((s.tolist() for s in starts), ctx.comm.all_gather_uneven(local)):
-            full[a:a + n] = piece
-        out[shard.name] = full.bool().view(shard.full_shape)
-    return out
 
 
 def train(cfg, capture: bool = False) -> dict:

@@ -24,7 +24,7 @@ from torch.nn.utils import prune
 from distreg.hooks.base import HookContext, ParamShard
 from distreg.hooks.sparsity import IssP, MagnitudePruning, MaskSparsity, RandomPruning
 from distreg.runtime.comm import Comm
-from distreg.testing import gather_full_params, run_distributed
+from distreg.testing import gather_full_params, gather_masks, run_distributed
 from tests.conftest import tiny_config
 from tests.sparsity.threadcomm import run_threads
 
@@ -488,20 +488,6 @@ def config(data, run_dir, world, plot=False, **extra):
     return tiny_config(data, run_dir, **{"scaling.num_workers": world, "hooks": json.dumps(hooks), **extra})
 
 
-def gather_masks(hook, ctx) -> dict[str, torch.Tensor]:
-    """Full masks from the ranks' local slices (test utility; collective)."""
-    out = {}
-    for shard in hook.shards(ctx):
-        local = hook.masks[shard.name].to(torch.uint8)
-        if shard.replicated:
-            out[shard.name] = local.bool().view(shard.full_shape)
-            continue
-        starts = ctx.comm.all_gather(torch.tensor([shard.flat_start, shard.numel]))
-        full = torch.zeros(shard.full_shape.numel(), dtype=torch.uint8)
-        for (a, n), piece in zip((s.tolist() for s in starts), ctx.comm.all_gather_uneven(local)):
-            full[a:a + n] = piece
-        out[shard.name] = full.bool().view(shard.full_shape)
-    return out
 
 
 def train_with_hooks(cfg) -> dict:
