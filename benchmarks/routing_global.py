@@ -5,10 +5,10 @@ tokens staying on their ranks, against the single-process solve of the same toke
                                         [--budget 3]
 
 For sparse OT the per-expert top-k over all ranks' tokens is done two ways in the same
-run: the exact radix selection of `distreg.sparsity` (`col_select="radix"`, the default: one
-histogram all-reduce of [m, 256] int32 counts per key byte - 8 for these float64 solves -
-+ one all-gather of m tie counts per solver evaluation, on each rank's ~k local
-candidates per expert) and the exchange of every rank's top-k candidates (value, index)
+run: the exact radix selection of `distreg.sparsity` (`col_select="radix"`, the default: on
+each rank's ~k local candidates per expert, one histogram all-reduce of [m, 256] int32
+counts per key byte until every expert's threshold bucket holds <= 64 tokens, then one
+all-gather of those buckets - typically 3-4 collectives per solver evaluation) and the exchange of every rank's top-k candidates (value, index)
 per expert (`col_select="gather"`: one all-gather of 2·k·m float64 per rank, a buffer
 of 2·k·m·W on every rank). Printed per method: median time
 per routing call on the 2 ranks, its ratio to the single-process call, bytes sent per
@@ -104,7 +104,8 @@ def main() -> None:
             t2, _, it2 = ranks[0][(m, method)]
             plan2 = torch.cat([r[(m, method)][1] for r in ranks], -2)
             diff = float((plan2 - single.solver.plan).abs().max())
-            sel_bytes = {"sinkhorn": "-", "sparse_ot radix": str(8 * m * 256 * 4 + m * 8),
+            # radix: ~2 histogram rounds + the bucket gather (<= 64 (key, row) pairs per expert)
+            sel_bytes = {"sinkhorn": "-", "sparse_ot radix": str(2 * m * 256 * 4 + 2 * 64 * m * 8),
                          "sparse_ot gather": str(2 * cap * m * 8)}[method]
             print(f"{m:>7} {method:<17} {t1 * 1e3:>9.1f} {t2 * 1e3:>10.1f} {t2 / t1:>6.2f} "
                   f"{f'{single.solver.iterations}/{it2}':>8} {sel_bytes:>9} {diff:>9.1e}")

@@ -225,14 +225,17 @@ def test_columns_match_brute_force(dtype):
         x = x.to(dtype)
         elig = torch.rand(n, m, generator=gen) > 0.3
         ks = [int(torch.randint(0, int(c) + 1, (), generator=gen)) for c in elig.sum(0)]
-        got = select_bottom_k_columns(x, lambda c: torch.tensor(ks), eligible=elig)
-        assert torch.equal(got, ref_columns(x.double(), ks, elig)), trial
+        want = ref_columns(x.double(), ks, elig)
+        for gather_below in (0, 1, 4, 10_000):  # pure radix, and finishing by a gather at any round
+            got = select_bottom_k_columns(x, lambda c: torch.tensor(ks), eligible=elig, gather_below=gather_below)
+            assert torch.equal(got, want), (trial, gather_below)
 
 
-def _thread_columns(comm, x, cuts, elig):
+def _thread_columns(comm, x, cuts, elig, gather_below=0):
     lo, hi = cuts[comm.rank], cuts[comm.rank + 1]
     calls = comm.calls
-    sel = select_bottom_k_columns(x[lo:hi], lambda c: (c - 3).clamp_min(0), comm, eligible=elig[lo:hi])
+    sel = select_bottom_k_columns(x[lo:hi], lambda c: (c - 3).clamp_min(0), comm, eligible=elig[lo:hi],
+                                  gather_below=gather_below)
     return sel, comm.calls - calls
 
 
@@ -246,6 +249,10 @@ def test_columns_any_row_split_gives_the_single_process_selection():
         res = run_threads(_thread_columns, len(cuts) - 1, x, cuts, elig)
         assert torch.equal(torch.cat([r[0] for r in res]), ref), cuts
         assert all(r[1] == 5 for r in res)  # 4 histogram all-reduces + 1 tie all-gather
+        # finishing by a gather of the threshold buckets: same selection, fewer rounds
+        res = run_threads(_thread_columns, len(cuts) - 1, x, cuts, elig, 64)
+        assert torch.equal(torch.cat([r[0] for r in res]), ref), cuts
+        assert all(r[1] == 2 for r in res)  # 1 histogram all-reduce + 1 bucket all-gather
 
 
 def _thread_columns_nan(comm):
