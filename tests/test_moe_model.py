@@ -40,6 +40,9 @@ STEP = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.lr": 0.5, "train.grad
 TWO_RANK = {
     "fsdp2": {"strategy.name": "fsdp2"},
     "fsdp2_meta_init": {"strategy.name": "fsdp2", "model.init_device": "meta"},
+    # Group scope with an OT router: each rank solves its own groups as one batch, so a
+    # group's plan must not depend on its batch mates (1 process: all 4 groups per batch).
+    "group_sinkhorn": {"strategy.name": "fsdp2", "model.moe_router": "sinkhorn"},
     # Global scope: one OT problem over both ranks' tokens of each micro-step (128 tokens,
     # capacity ceil(1.0 * 128 * 2 / 4) = 64 per expert), only per-expert statistics exchanged.
     "global_sinkhorn": {"strategy.name": "fsdp2", "model.moe_route_scope": "global", "model.moe_group_size": 0,
@@ -278,7 +281,7 @@ def test_rank_invariant_step(results, name):
     single, ranks = results
     single = single[name]
     assert single["metrics"]["moe/dropped_frac"] > 0  # capacity is active: the routing matters
-    if "global" in name:  # an OT solve ran, and both ranks ran the single-process iteration count
+    if "sinkhorn" in name or "sparse_ot" in name:  # an OT solve ran
         assert single["metrics"]["moe/solver_iterations"] > 1
     for rank_result in ranks:
         got = rank_result[name]
@@ -287,6 +290,8 @@ def test_rank_invariant_step(results, name):
         assert got["norm"] == pytest.approx(single["norm"], rel=1e-6)
         # Same routing decisions (global statistics, all-reduced in the forward).
         for key, ref in single["metrics"].items():
+            if key.startswith("moe/solver_") and name.startswith("group"):
+                continue  # per-rank batch statistics (max over the rank's groups), not a plan property
             if key.startswith("moe/"):
                 assert got["metrics"][key] == pytest.approx(ref, rel=1e-5, abs=1e-7), key
         assert got["params"].keys() == single["params"].keys()

@@ -16,8 +16,11 @@ optimizer step it turns the step's sums into metrics and resets them:
   moe/router_entropy     mean entropy of the router softmax (nats; log E = uniform)
   moe/aux_loss, moe/z_loss  the load-balancing and z losses (coefficients included)
   moe/solver_iterations  OT routers: solver iterations per solve (mean over ranks and
-                         micro-batches; global scope: the one shared count)
+                         micro-batches; global scope: the one shared count; group scope:
+                         each rank's batch of groups runs until its slowest group stops,
+                         so this depends on the world size - the plans do not)
   moe/solver_residual    OT routers: the plan's marginal residual |P1 - a|_1 + |P^T 1 - b|_1
+                         (group scope: the largest over a rank's groups, averaged over ranks)
   moe/layer{i}/...       with `per_layer: true`: load_max, dropped_frac, router_entropy
                          of each MoE block
 """

@@ -27,8 +27,8 @@ per iteration; sparse OT: the per-expert top-k over all tokens by the exact radi
 selection of `distreg.sparsity`, 4 histogram all-reduces; capacity positions: one
 all-gather of per-expert claim counts). Every rank stops after the same number of
 iterations (decided on all-reduced values), and the plan equals the single-process
-plan on the same tokens - so routing no longer depends on any group size. OT solves
-run in float64 in both scopes (see `PackageRouter`).
+plan on the same tokens - so routing no longer depends on any group size. Global OT
+solves run in float64 (see `PackageRouter`).
 
 Per forward on each rank:
   logits = gate(x) -> router(logits [groups, G, E], top_k, capacity) -> plan: for each
@@ -172,15 +172,18 @@ class PackageRouter:
         self.name, self.fn = name, fn
         self.last_solver: tuple[int, float] | None = None  # (iterations, marginal residual) of the last solve
 
-    def __call__(self, logits: Tensor, top_k: int, capacity: int, comm=None):
-        """Route `logits` [groups, G, E]: each group alone, or (`comm` given, one group)
-        one problem over the tokens of every rank of `comm` (global scope)."""
+    def __call__(self, logits: Tensor, top_k: int, capacity: int, comm=None, global_scope: bool = False):
+        """Route `logits` [groups, G, E]: each group alone, or (`global_scope`, one group)
+        one problem over the tokens of every rank of `comm` (None: this process only)."""
         groups, g, experts = logits.shape
-        # OT solves in float64: a solver stopped by its tolerance or iteration cap (not at
-        # the exact optimum) follows a path that float32 round-off in the cross-rank sums
-        # would bend, so the plan would depend on the number of ranks. [N, E] is small.
-        kw = {"normalize": top_k > 1} if self.name == "topk" else {"dtype": torch.float64}
-        scope = {"group_size": None, "comm": comm} if comm is not None else {"group_size": g}
+        kw: dict[str, Any] = {"normalize": top_k > 1} if self.name == "topk" else {}
+        if global_scope and self.name != "topk":
+            # Global OT solves in float64: a solver stopped by its tolerance or iteration
+            # cap follows a path that float32 round-off in the cross-rank sums would bend,
+            # so the plan would depend on the number of ranks. (Group scope solves each
+            # group alone with the same operations on any world size: float32 is exact.)
+            kw["dtype"] = torch.float64
+        scope = {"group_size": None, "comm": comm} if global_scope else {"group_size": g}
         plan = self.fn(logits.reshape(groups * g, experts), top_k, capacity=capacity, **scope, **kw)
         solver = getattr(plan, "solver", None)
         self.last_solver = (solver.iterations, solver.residual) if solver is not None else None
@@ -337,8 +340,8 @@ class MoEFeedForward(nn.Module):
             # and capacity need no collective.
             capacity = capacity_of(tokens * self.ep_size, self.top_k, self.num_experts, self.capacity_factor)
             grouped = logits.view(1, tokens, self.num_experts)
-            out = router(grouped, self.top_k, capacity, comm=self._comm()) if self.ep_size > 1 \
-                else router(grouped, self.top_k, capacity)
+            comm = self._comm() if self.ep_size > 1 else None
+            out = router(grouped, self.top_k, capacity, comm=comm, global_scope=True)
         else:
             g = self.group_size or tokens
             if tokens % g:

@@ -164,17 +164,24 @@ def _sinkhorn_loop(C, la, lb, eps, f, g, max_iter, tol, scope):
     after t−1 (free by-product of the row LSE); the loop still finishes iteration t."""
     a = la.exp()
     it = 0
+    done = torch.zeros((*C.shape[:-2], 1), dtype=torch.bool, device=C.device)  # per problem
     for it in range(1, max_iter + 1):
         lse_r = _row_lse(C, g, eps)
         row_err = ((f / eps + lse_r).exp() - a).abs().sum(-1, keepdim=True)
-        f = eps * (la - lse_r)
-        lse_c = torch.logsumexp((f.unsqueeze(-1) - C) / eps, dim=-2)
+        f_new = eps * (la - lse_r)
+        lse_c = torch.logsumexp((f_new.unsqueeze(-1) - C) / eps, dim=-2)
         if scope.glob:
             parts = scope.gather_cat(torch.cat([lse_c, row_err], -1).unsqueeze(0), 0)
             lse_c = torch.logsumexp(parts[..., :-1], dim=0)
             row_err = parts[..., -1:].sum(0)
-        g = eps * (lb - lse_c)
-        if it > 1 and bool((row_err < tol).all()):
+        # A problem that has met the test keeps its potentials while others go on, so a
+        # batch of problems (routing groups) gives each the result it gets alone - the
+        # group-scope plan does not depend on how groups are spread over ranks.
+        f = torch.where(done, f, f_new)
+        g = torch.where(done, g, eps * (lb - lse_c))
+        if it > 1:
+            done = done | (row_err < tol)
+        if bool(done.all()):
             break
     return f, g, it
 

@@ -235,3 +235,18 @@ def test_sns_matches_sinkhorn_on_routing_shapes():
         torch.testing.assert_close(r.plan, ref.plan, rtol=0, atol=1e-10)
     with pytest.raises(ValueError, match="variant"):
         sns_plan(C, variant="dense")
+
+
+@pytest.mark.parametrize("solver", ["sinkhorn", "sns", "sparse_ot"])
+def test_batched_problems_equal_problems_solved_alone(solver):
+    """Group scope solves a rank's routing groups as one batch; a group's plan must not
+    depend on its batch mates (converged problems are frozen while others iterate), or the
+    plan would change with the number of ranks the groups are spread over."""
+    torch.manual_seed(0)
+    S = torch.randn(4, 16, 4) * torch.tensor([0.1, 1.0, 3.0, 5.0]).view(4, 1, 1)  # very different conditioning
+    fn = {"sinkhorn": lambda s: sinkhorn_plan(scores=s, eps=1.0, tol=1e-4),
+          "sns": lambda s: sns_plan(scores=s, eps=1.0, tol=1e-4),
+          "sparse_ot": lambda s: sparse_ot_plan(scores=s, gamma=1.6, max_nz_col=5, tol=1e-3, max_iter=100)}[solver]
+    batched = fn(S).plan
+    alone = torch.stack([fn(S[i:i + 1]).plan[0] for i in range(4)])
+    assert torch.equal(batched, alone)
