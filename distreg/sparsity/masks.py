@@ -146,15 +146,22 @@ def index_uniform(seed: int, name: str, flat_start: int, numel: int) -> torch.Te
     a rank can draw exactly its slice and any sharding reproduces the full tensor (S6).
     Platform independent (integer arithmetic, blake2b for the key).
     """
-    k0, k1, k2, k3 = _key_words(seed, name)
     out = torch.empty(numel, dtype=torch.float64)
     for a in range(0, numel, _CHUNK):
         j = torch.arange(flat_start + a, flat_start + min(a + _CHUNK, numel), dtype=torch.int64)
-        h = _fmix32((j & _M32) ^ k0)
-        h = _fmix32(h ^ ((j >> 32) & _M32) ^ k1)
-        h = _fmix32((h + k2) & _M32) ^ k3
-        out[a:a + j.numel()] = h.double() * 2.0**-32
+        out[a:a + j.numel()] = index_uniform_at(seed, name, j)
     return out
+
+
+def index_uniform_at(seed: int, name: str, index: torch.Tensor) -> torch.Tensor:
+    """`index_uniform`'s value for each (non-negative int64) global index in `index`, any
+    shape (e.g. the global token indices a rank happens to hold)."""
+    k0, k1, k2, k3 = _key_words(seed, name)
+    j = index.to(torch.int64)
+    h = _fmix32((j & _M32) ^ k0)
+    h = _fmix32(h ^ ((j >> 32) & _M32) ^ k1)
+    h = _fmix32((h + k2) & _M32) ^ k3
+    return h.double() * 2.0**-32
 
 
 def random_keep_mask(seed: int, name: str, flat_start: int, numel: int, density: float) -> torch.Tensor:

@@ -82,8 +82,9 @@ def micro_step(comm, model: nn.Module, hooks, batch: dict, denom: float) -> dict
             "metrics": {k: v for h in hooks for k, v in h.metrics().items()}, "hooks": hooks}
 
 
-def lm_batch(tokens: torch.Tensor, target: torch.Tensor) -> dict:
-    return {"input": tokens, "target": target, "index": torch.arange(tokens.shape[0])}
+def lm_batch(tokens: torch.Tensor, target: torch.Tensor, start: int = 0) -> dict:
+    """`index`: the samples' global indices (this rank's rows start at `start`)."""
+    return {"input": tokens, "target": target, "index": torch.arange(start, start + tokens.shape[0])}
 
 
 # --------------------------------------------------------------------------- spec vectors through the hooks
@@ -307,6 +308,7 @@ LM_HOOKS = {
     "normsoftmax+tcm": [{"name": "normalized_softmax", "temperature": 0.2},
                         {"name": "tcm", "coef": 0.7, "pos_margin": 0.6, "neg_margin": 0.0}],
     "tcm": [{"name": "tcm", "pos_margin": 0.8, "neg_margin": 0.1, "pos_weight": 2.0}],
+    "tcm_sampled": [{"name": "tcm", "pos_margin": 0.8, "neg_margin": 0.1, "token_fraction": 0.5, "seed": 3}],
 }
 
 
@@ -314,7 +316,7 @@ def _lm_rank(comm, cuts, specs):
     tokens, target = lm_data()
     denom = float((target != IGNORE_INDEX).sum())
     lo, hi = cuts[comm.rank], cuts[comm.rank + 1]
-    return micro_step(comm, make_lm(), hooks_from(specs), lm_batch(tokens[lo:hi], target[lo:hi]), denom)
+    return micro_step(comm, make_lm(), hooks_from(specs), lm_batch(tokens[lo:hi], target[lo:hi], lo), denom)
 
 
 def assert_same_as_single(res, single, loss_key="loss"):
@@ -478,3 +480,19 @@ def test_single_process_run_trains_with_both_terms(runs):
         assert m["tcm/value"] > 0 and 0 < m["tcm/hard_neg_fraction"] <= 1
         assert -1 <= m["normalized_softmax/cos_target"] <= m["normalized_softmax/cos_max"] <= 1
     assert single["metrics"][-1]["normalized_softmax/scale"] == pytest.approx(10.0)
+
+
+def test_tcm_token_fraction_thins_pairs_by_global_position():
+    full = run_threads(_lm_rank, 1, [0, 4], LM_HOOKS["tcm"])[0]["metrics"]
+    half = run_threads(_lm_rank, 1, [0, 4], LM_HOOKS["tcm_sampled"])[0]["metrics"]
+    assert half != full  # fewer pairs, another estimate
+    hook = hooks_from(LM_HOOKS["tcm_sampled"])[0]
+    ctx = HookContext(comm=Comm(), strategy="test", model=nn.Module())
+    valid = torch.ones(4, 6, dtype=torch.bool)
+    batch = {"index": torch.tensor([10, 11, 12, 13])}
+    kept = hook.sampled(ctx, batch, valid)
+    assert 0 < int(kept.sum()) < 24
+    # the same global positions give the same draw in any sub-batch (rank split)
+    assert torch.equal(hook.sampled(ctx, {"index": torch.tensor([12, 13])}, valid[2:]), kept[2:])
+    ctx.step = 1  # a new draw each step
+    assert not torch.equal(hook.sampled(ctx, batch, valid), kept)

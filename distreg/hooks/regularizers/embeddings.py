@@ -49,6 +49,7 @@ from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import F64
 from distreg.hooks.regularizers.losses import _StatHook, _valid_targets
 from distreg.regularizers.losses import cs_ib_terms, normalized_softmax_logits, normsoftmax_embedding, tcm_terms
+from distreg.sparsity.masks import index_uniform_at
 
 
 class HeadTap:
@@ -177,7 +178,9 @@ class ThresholdConsistentMargin(_HeadHook):
     Defaults m+ = 0.9, m- = 0.5, lambda+- = 1, coef = 1 (L = L_base + L_TCM). Metrics:
     `value` (coef * L_TCM, mean over the step's micro-batches), `pos_part`, `neg_part`
     (the unweighted means), `hard_pos_fraction`, `hard_neg_fraction` (qualifying pairs among
-    all positive / negative pairs)."""
+    all positive / negative pairs). At LLM batch sizes all pairs do not fit:
+    `token_fraction` keeps a rank-invariant random subset of the tokens (each pair mean
+    then estimated from the pairs among them)."""
 
     name = "tcm"
 
@@ -187,8 +190,25 @@ class ThresholdConsistentMargin(_HeadHook):
         neg_margin: float = Field(0.5, ge=-1, le=1, description="m-: negative pairs with s >= m- are hard")
         pos_weight: float = Field(1.0, ge=0)
         neg_weight: float = Field(1.0, ge=0)
+        token_fraction: float = Field(1.0, gt=0, le=1, description=(
+            "pairs among a random fraction of the valid tokens only (memory O(f^2 N_local N_global)); "
+            "a token's draw is keyed by (seed, step, micro-step, its global position), so every "
+            "split of the batch over ranks samples the same tokens"))
+        seed: int = 0
 
     params: "ThresholdConsistentMargin.Params"
+
+    def sampled(self, ctx: HookContext, batch: dict, valid: torch.Tensor) -> torch.Tensor:
+        """`valid`, thinned to `token_fraction` of the tokens by a rank-invariant draw."""
+        f = self.params.token_fraction
+        if f >= 1.0:
+            return valid
+        index = batch["index"].to(valid.device).reshape(-1, *([1] * (valid.dim() - 1)))
+        if valid.dim() > 1:  # token models: global position = sample index * length + offset
+            length = valid.shape[-1]
+            index = index * length + torch.arange(length, device=valid.device)
+        draw = index_uniform_at(self.params.seed, f"tcm/{ctx.step}/{ctx.micro_step}", index.cpu())
+        return valid & (draw < f).to(valid.device)
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         p = self.params
@@ -196,7 +216,7 @@ class ThresholdConsistentMargin(_HeadHook):
         target, valid = _valid_targets(batch)
         if feats.shape[:-1].numel() != target.numel():
             raise ValueError(f"tcm: head features {tuple(feats.shape)} do not match targets {tuple(target.shape)}")
-        keep = valid.reshape(-1)
+        keep = self.sampled(ctx, batch, valid).reshape(-1)
         emb = feats.reshape(-1, feats.shape[-1])[keep].float()
         value, stats = tcm_terms(emb, target.reshape(-1)[keep], p.pos_margin, p.neg_margin, p.pos_weight,
                                  p.neg_weight, ctx.comm)
