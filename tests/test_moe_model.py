@@ -4,8 +4,10 @@ Single process: capacity is never exceeded, a token gets at most k distinct expe
 dropped tokens are counted and pass through the residual, the layer equals a per-token
 reference, aux / z losses follow their formulas, routers plug in, config errors.
 One 2-rank spawn: one optimizer step of the tiny MoE Llama under FSDP2 (experts
-sharded over the ranks, tokens exchanged by all-to-all) gives the single-process loss,
-grad norm, routing statistics and updated full weights (experts included); and an
+sharded over the ranks, tokens exchanged by all-to-all; also with meta init, activation
+checkpointing, group-scope Sinkhorn and global-scope Sinkhorn / sparse OT routing) gives
+the single-process loss, grad norm, routing statistics and updated full weights (experts
+included); and an
 FSDP2 MoE run resumed from a checkpoint continues the uninterrupted curve.
 """
 from __future__ import annotations
@@ -40,6 +42,8 @@ STEP = {"optim.name": "sgd", "optim.momentum": 0.9, "optim.lr": 0.5, "train.grad
 TWO_RANK = {
     "fsdp2": {"strategy.name": "fsdp2"},
     "fsdp2_meta_init": {"strategy.name": "fsdp2", "model.init_device": "meta"},
+    # recomputed MoE forwards repeat routing and all-to-alls but count statistics once
+    "fsdp2_act_ckpt": {"strategy.name": "fsdp2", "strategy.activation_checkpointing": True},
     # Group scope with an OT router: each rank solves its own groups as one batch, so a
     # group's plan must not depend on its batch mates (1 process: all 4 groups per batch).
     "group_sinkhorn": {"strategy.name": "fsdp2", "model.moe_router": "sinkhorn"},

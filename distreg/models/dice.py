@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from distreg.models.recompute import is_recomputing
 from distreg.regularizers.embedding import dice, dice_batch_stats, dice_reference
 from distreg.runtime.comm import Comm
 
@@ -77,7 +78,7 @@ class Dice(nn.Module):
             var = var.clamp(min=0)  # one-pass E[s^2] - E[s]^2 may round below 0
             # A checkpointed block's forward is re-run inside backward: same statistics,
             # but the running averages must move once per micro-batch.
-            if torch._C._current_autograd_node() is None and n > 0:
+            if not is_recomputing() and n > 0:
                 with torch.no_grad():
                     m = self.momentum
                     self.running_mean.mul_(1 - m).add_(m * mean.detach().to(self.running_mean.dtype))

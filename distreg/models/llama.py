@@ -15,6 +15,7 @@ from torch import nn
 
 from distreg.models.dice import ZERO_INIT_SUFFIXES as DICE_ZERO_INIT
 from distreg.models.dice import Dice
+from distreg.models.recompute import checkpointed
 
 FFN_ACTIVATIONS = ("swiglu", "dice")
 
@@ -232,7 +233,7 @@ class Llama(nn.Module):
         x = self.tok_embeddings(tokens)
         for block in self.layers:
             if self.activation_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, use_reentrant=False)
+                x = checkpointed(block, x, cos, sin)
             else:
                 x = block(x, cos, sin)
         return self.output(self.norm(x))

@@ -88,6 +88,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from distreg.models.recompute import is_recomputing
+
 __all__ = [
     "DispatchPlan", "MoEFeedForward", "PackageRouter", "topk_router", "enforce_capacity", "resolve_router",
     "available_routers",
@@ -395,12 +397,17 @@ class MoEFeedForward(nn.Module):
         if self.training and torch.is_grad_enabled():
             n_global = stats[3 * E]
             f = (stats[:E] / (n_global * self.top_k)).to(probs.dtype)
-            self.aux_losses = {
+            aux_losses = {
                 "moe_aux": self.aux_loss_coef * E * (f * probs.sum(0)).sum() / n_global.to(probs.dtype),
                 "moe_z": self.z_loss_coef * lse.pow(2).sum() / n_global.to(lse.dtype),
             }
-            self.stats = stats if self.stats is None else self.stats + stats
-            self.forwards += 1
+            # Activation checkpointing re-runs this forward in backward (same routing, same
+            # collectives on every rank, and the same autograd ops - checkpointing checks
+            # that): the losses and statistics were taken the first time.
+            if not is_recomputing():
+                self.aux_losses = aux_losses
+                self.stats = stats if self.stats is None else self.stats + stats
+                self.forwards += 1
 
         out = self._experts(xf, plan)
         return out.view(shape)
@@ -577,9 +584,6 @@ def check_moe_setup(cfg, world_size: int) -> None:
         raise ConfigError("model.moe_num_experts > 0 with strategy.name=ddp needs scaling.num_workers=1: under DDP "
                           "hooks see every parameter whole on every rank, which expert-parallel weights are not; "
                           "use strategy.name=fsdp2")
-    if s.activation_checkpointing:
-        raise ConfigError("strategy.activation_checkpointing is not supported with model.moe_num_experts > 0 yet "
-                          "(the recomputed forward would repeat the routing collectives and statistics)")
     local_tokens = cfg.micro_batch_size * cfg.data.seq_len
     if m.moe_group_size and local_tokens % m.moe_group_size:
         raise ConfigError(f"model.moe_group_size={m.moe_group_size} does not divide the {local_tokens} tokens of a "
