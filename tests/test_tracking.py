@@ -3,7 +3,6 @@ artifact of a 2-worker Ray run; a tracking outage never stops training and what 
 not be sent is uploaded later by `distreg mlflow-sync`."""
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time

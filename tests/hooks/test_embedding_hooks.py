@@ -10,7 +10,6 @@ weights and metrics after 3 steps.
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import math

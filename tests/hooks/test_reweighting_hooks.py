@@ -17,7 +17,6 @@ stopped after step 4 and resumed from its checkpoint continues identically.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import pytest

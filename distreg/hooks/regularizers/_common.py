@@ -53,6 +53,41 @@ class ValuesHook(Hook):
         self.values = dict(state.get("values", {}))
 
 
+class StatHook(ValuesHook):
+    """Per-step sums accumulated over micro-batches, all-reduced once per step (data
+    statistics of loss hooks: always over all ranks)."""
+
+    class Params(Hook.Params):
+        metrics_prefix: str | None = Field(None, description="metric name prefix (default: the hook name)")
+
+    def __init__(self, params):
+        super().__init__(params)
+        self.values: dict[str, float] = {}
+        self._acc: torch.Tensor | None = None
+
+    @property
+    def prefix(self) -> str:
+        return self.params.metrics_prefix or self.name
+
+    def accumulate(self, local: torch.Tensor) -> None:
+        local = local.detach().to(F64).cpu()
+        self._acc = local if self._acc is None else self._acc + local
+
+    def reduced(self, ctx: HookContext, size: int) -> torch.Tensor:
+        acc = self._acc if self._acc is not None else torch.zeros(size, dtype=F64)
+        self._acc = None
+        return ctx.comm.all_reduce(acc.clone())
+
+
+def valid_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(targets with ignored positions set to 0, the valid mask)."""
+    from distreg.runtime.loss import IGNORE_INDEX
+
+    target = batch["target"]
+    valid = target != IGNORE_INDEX
+    return torch.where(valid, target, torch.zeros_like(target)), valid
+
+
 class SelectParams(Hook.Params):
     include: list[str] = Field(["*"], description="fnmatch patterns of parameter names that take part")
     exclude: list[str] = Field([], description="fnmatch patterns of parameter names left alone")

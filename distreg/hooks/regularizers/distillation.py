@@ -73,7 +73,7 @@ from torch import nn
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import F64, per_sample_mean
-from distreg.hooks.regularizers.losses import _StatHook
+from distreg.hooks.regularizers._common import StatHook
 from distreg.regularizers.distill import (
     MealDiscriminator,
     discriminator_loss,
@@ -224,7 +224,7 @@ def add_discriminator(model: nn.Module, params) -> None:
 
 
 @register
-class Distillation(_StatHook):
+class Distillation(StatHook):
     name = "distillation"
     replaces_loss = True
 
@@ -235,7 +235,7 @@ class Distillation(_StatHook):
                      for k, v in t.items()} if isinstance(t, dict) else t for t in params.get("teachers", [])]
         return {**params, "teachers": teachers} if "teachers" in params else params
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         teachers: list[TeacherSpec] = Field(min_length=1, description="the ensemble (MEAL V2: 2 teachers)")
         teacher_dtype: Literal["fp32", "bf16"] = Field("fp32", description="teachers' weights and forward dtype")
         calibrate: Calibrate | None = Field(None, description="soft-hard adaptation (FerKD-style; see docstring)")

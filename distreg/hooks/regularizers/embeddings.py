@@ -47,7 +47,7 @@ from torch import nn
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import F64
-from distreg.hooks.regularizers.losses import _StatHook, _valid_targets
+from distreg.hooks.regularizers._common import StatHook, valid_targets
 from distreg.regularizers.losses import cs_ib_terms, normalized_softmax_logits, normsoftmax_embedding, tcm_terms
 from distreg.sparsity.masks import index_uniform_at
 
@@ -78,10 +78,10 @@ def head_tap(model: nn.Module, head: str, hook: str) -> tuple[nn.Module, HeadTap
     return mod, tap
 
 
-class _HeadHook(_StatHook):
-    """A `_StatHook` reading the head's features; counts its micro-batches per step."""
+class _HeadHook(StatHook):
+    """A `StatHook` reading the head's features; counts its micro-batches per step."""
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         head: str = Field("output", description="the model's head module (its input is the feature vector)")
 
     def __init__(self, params):
@@ -150,7 +150,7 @@ class NormalizedSoftmax(_HeadHook):
         mod._distreg_normalized = True
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
-        target, valid = _valid_targets(batch)
+        target, valid = valid_targets(batch)
         cos = out.detach().to(F64) * self.params.temperature
         cos_target = cos.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         cos_max, best = cos.max(-1)
@@ -213,7 +213,7 @@ class ThresholdConsistentMargin(_HeadHook):
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         p = self.params
         feats = self.tap.embedding if self.tap is not None and self.tap.embedding is not None else self.features()
-        target, valid = _valid_targets(batch)
+        target, valid = valid_targets(batch)
         if feats.shape[:-1].numel() != target.numel():
             raise ValueError(f"tcm: head features {tuple(feats.shape)} do not match targets {tuple(target.shape)}")
         keep = self.sampled(ctx, batch, valid).reshape(-1)

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from distreg.hooks.base import Hook, HookContext
+from distreg.hooks.base import HookContext
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import F64, SelectParams, ValuesHook, require_grad_writes, select_shards
 from distreg.regularizers import orthograd

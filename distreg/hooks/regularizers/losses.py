@@ -18,43 +18,10 @@ import math
 import torch
 from pydantic import Field
 
-from distreg.hooks.base import Hook, HookContext, LossTerms
+from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, ValuesHook, per_sample_mean
+from distreg.hooks.regularizers._common import F64, StatHook, per_sample_mean, valid_targets
 from distreg.regularizers import softmax_collapse_counts, stablemax_cross_entropy, z_loss_logit, z_loss_spherical
-from distreg.runtime.loss import IGNORE_INDEX
-
-
-def _valid_targets(batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    target = batch["target"]
-    valid = target != IGNORE_INDEX
-    return torch.where(valid, target, torch.zeros_like(target)), valid
-
-
-class _StatHook(ValuesHook):
-    """Per-step weighted sums accumulated over micro-batches, all-reduced once per step."""
-
-    class Params(Hook.Params):
-        metrics_prefix: str | None = Field(None, description="metric name prefix (default: the hook name)")
-
-    def __init__(self, params):
-        super().__init__(params)
-        self.values: dict[str, float] = {}
-        self._acc: torch.Tensor | None = None
-
-    @property
-    def prefix(self) -> str:
-        return self.params.metrics_prefix or self.name
-
-    def accumulate(self, local: torch.Tensor) -> None:
-        local = local.detach().to(F64).cpu()
-        self._acc = local if self._acc is None else self._acc + local
-
-    def reduced(self, ctx: HookContext, size: int) -> torch.Tensor:
-        acc = self._acc if self._acc is not None else torch.zeros(size, dtype=F64)
-        self._acc = None
-        return ctx.comm.all_reduce(acc.clone())
-
 
 
 def _collapse_counts(out: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -67,7 +34,7 @@ def _collapse_counts(out: torch.Tensor, target: torch.Tensor, valid: torch.Tenso
 
 
 @register
-class CollapseMonitor(_StatHook):
+class CollapseMonitor(StatHook):
     """Softmax Collapse (Prieto et al. 2025, spec 2.3) on the training batches: the fraction
     of valid tokens (samples, for classification) whose sum_j exp(x_j - max x) is exactly 1
     in the logits' precision (`softmax_collapse`), and whose cross-entropy is exactly 0
@@ -77,14 +44,14 @@ class CollapseMonitor(_StatHook):
 
     name = "collapse_monitor"
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         every: int = Field(1, gt=0)
 
     params: "CollapseMonitor.Params"
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         if ctx.step % self.params.every == 0:
-            target, valid = _valid_targets(batch)
+            target, valid = valid_targets(batch)
             self.accumulate(_collapse_counts(out, target, valid))
         return terms
 
@@ -99,7 +66,7 @@ class CollapseMonitor(_StatHook):
 
 
 @register
-class StableMax(_StatHook):
+class StableMax(StatHook):
     """Replaces the loss by StableMax cross-entropy (spec 2.1, [CODE]): s(x) = x + 1 for
     x >= 0, 1 / (1 - x) for x < 0, loss = -log s(x_y) + log sum_j s(x_j), computed in
     float64 like the reference (memory: 8 bytes per logit). Predictions stay argmax x.
@@ -109,13 +76,13 @@ class StableMax(_StatHook):
     name = "stablemax"
     replaces_loss = True
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         collapse_metrics: bool = True
 
     params: "StableMax.Params"
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
-        target, valid = _valid_targets(batch)
+        target, valid = valid_targets(batch)
         tok = stablemax_cross_entropy(out, target, reduction="none")
         terms.per_sample = per_sample_mean(tok, valid)
         stats = [(terms.weight.detach().to(F64) * terms.per_sample.detach()).sum().reshape(1)]
@@ -136,7 +103,7 @@ class StableMax(_StatHook):
 
 
 @register
-class ZLossLogit(_StatHook):
+class ZLossLogit(StatHook):
     """PaLM auxiliary z-loss (spec 5.2): adds kappa * (logsumexp_v o_v)^2 per valid token to
     the loss (in fp32), i.e. kappa * mean over the step's valid tokens with token
     reduction. Metrics: `value` (the term's contribution to the step loss), `log_z_sq`
@@ -144,13 +111,13 @@ class ZLossLogit(_StatHook):
 
     name = "z_loss_logit"
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         kappa: float = Field(1e-4, ge=0)
 
     params: "ZLossLogit.Params"
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
-        _, valid = _valid_targets(batch)
+        _, valid = valid_targets(batch)
         tok = z_loss_logit(out, self.params.kappa, valid=valid, reduction="none")
         z = per_sample_mean(tok, valid)
         terms.per_sample = terms.per_sample + z
@@ -164,7 +131,7 @@ class ZLossLogit(_StatHook):
 
 
 @register
-class ZLossSpherical(_StatHook):
+class ZLossSpherical(StatHook):
     """Spherical Z-loss of de Brebisson & Vincent (spec 5.1) replacing cross-entropy:
     z_c = (o_c - mean o) / (std o + eps), loss = softplus(a (b - z_c)) / a. `a` and `b`
     are required: the paper's tuned values could not be read (spec open item 4; the
@@ -174,7 +141,7 @@ class ZLossSpherical(_StatHook):
     name = "z_loss_spherical"
     replaces_loss = True
 
-    class Params(_StatHook.Params):
+    class Params(StatHook.Params):
         a: float = Field(gt=0, description="sharpness (required)")
         b: float = Field(description="location (required)")
         eps: float = Field(1e-12, ge=0)
@@ -183,7 +150,7 @@ class ZLossSpherical(_StatHook):
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         p = self.params
-        target, valid = _valid_targets(batch)
+        target, valid = valid_targets(batch)
         tok = z_loss_spherical(out, target, p.a, p.b, p.eps, reduction="none")
         terms.per_sample = per_sample_mean(tok, valid)
         self.accumulate((terms.weight.detach().to(F64) * terms.per_sample.detach().to(F64)).sum().reshape(1))

@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from distreg.hooks.base import Hook, HookContext, LossTerms, ParamShard
+from distreg.hooks.base import HookContext, LossTerms, ParamShard
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import (
     ValuesHook,
