@@ -22,12 +22,12 @@ from distreg.data import build_data
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
-from distreg.runtime.weights import init_shards_from
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
+from distreg.runtime.weights import init_shards_from
 from distreg.tracking.progress import Progress
 
 
