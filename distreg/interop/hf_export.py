@@ -22,7 +22,7 @@ import json
 import os
 import posixpath
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -150,5 +150,35 @@ def _write_json(out: str, name: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def plan_summary(plan: ExportPlan) -> dict:
-    return {**asdict(plan), "peak_bytes": plan.peak_bytes, "files": len(plan.shards)}
+
+
+def add_commands(sub) -> None:
+    """`distreg export hf ...`"""
+    p = sub.add_parser("hf", help="a checkpoint as a Hugging Face Llama directory (safetensors, config.json)")
+    p.add_argument("config", help="YAML config of the run that wrote the checkpoint")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--checkpoint", required=True, help="step dir, checkpoint root (latest step) or state-dict file")
+    p.add_argument("--out", required=True, help="new output directory")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    p.add_argument("--no-mlflow", action="store_true", help="do not record the export in MLflow")
+    p.set_defaults(fn=_run)
+
+
+def _run(args) -> int:
+    import sys
+
+    from distreg.config import ConfigError, load_config
+    from distreg.runtime.weights import CheckpointError
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        size = parse_size(args.max_shard_size)
+        manifest = export_hf(cfg, args.checkpoint, args.out, args.dtype, size, record=not args.no_mlflow)
+    except (HFFormatError, CheckpointError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        print(f"distreg export hf: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(manifest, indent=2))
+    return 0
