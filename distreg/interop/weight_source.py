@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import posixpath
 import re
+import warnings
 
 import fsspec
 import torch
@@ -58,7 +59,9 @@ class DCPSource(WeightSource):
         import torch.distributed.checkpoint as dcp
 
         out = torch.empty(self.shapes[name], dtype=torch.float32)
-        dcp.load({"model": {name: out}}, storage_reader=self._storage(self.model_dir, False), no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": {name: out}}, storage_reader=self._storage(self.model_dir, False), no_dist=True)
         return out
 
 
