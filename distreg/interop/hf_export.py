@@ -13,8 +13,8 @@ artifact and tags holding the path, never the weights).
 
 Memory is bounded by one output shard: parameters are read from the checkpoint one at a
 time (`distreg.interop.weight_source`), permuted / cast, collected until the shard is
-full, written, and dropped. Peak = max_shard_size + one fp32 tensor (the largest is the
-embedding); `export_plan` computes it without reading any weight.
+full, written, and dropped. Peak ~ max_shard_size + a few fp32 copies of the largest tensor (the
+embedding), whatever the depth; `export_plan` estimates it without reading any weight.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ from distreg.interop.hf_config import (
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 HF_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 MANIFEST = "distreg_export.json"
+READ_COPIES = 4
 
 
 def parse_size(text: str) -> int:
@@ -59,8 +60,11 @@ class ExportPlan:
 
     @property
     def peak_bytes(self) -> int:
-        """Tensors alive at once: one output shard plus one fp32 source tensor being cast."""
-        return max(self.shard_bytes) + self.largest_tensor_fp32_bytes
+        """Tensors alive at once: one output shard, plus up to READ_COPIES fp32-sized
+        buffers of the tensor being read and cast (DCP's read holds the file bytes and the
+        deserialised tensor while it copies into ours; then permute / cast). Independent
+        of the model's depth (benchmarks/hf_export_memory.py measures it)."""
+        return max(self.shard_bytes) + READ_COPIES * self.largest_tensor_fp32_bytes
 
     def file_name(self, i: int) -> str:
         return f"model-{i + 1:05d}-of-{len(self.shards):05d}.safetensors"
