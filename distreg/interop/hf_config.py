@@ -94,9 +94,13 @@ def from_hf_layout(w: torch.Tensor, heads: int | None) -> torch.Tensor:
 
 
 def hf_config_dict(args: LlamaArgs, dtype: str, eos_id: int | None = None, bos_id: int | None = None) -> dict:
-    """config.json of the exported model (LlamaConfig fields)."""
-    import transformers
+    """config.json of the exported model (LlamaConfig fields); no transformers needed."""
+    try:
+        import transformers
 
+        version = transformers.__version__
+    except ImportError:
+        version = None
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": args.vocab_size, "hidden_size": args.dim, "intermediate_size": args.ffn_dim,
@@ -108,7 +112,7 @@ def hf_config_dict(args: LlamaArgs, dtype: str, eos_id: int | None = None, bos_i
         "tie_word_embeddings": False,  # distreg trains separate input and output embeddings
         "attention_bias": False, "mlp_bias": False, "initializer_range": args.init_std,
         "bos_token_id": bos_id, "eos_token_id": eos_id, "dtype": dtype, "torch_dtype": dtype,
-        "transformers_version": transformers.__version__,
+        "transformers_version": version,
     }
 
 
