@@ -133,6 +133,19 @@ def test_transformers_model_imports_with_the_same_logits(tmp_path, tie):
         assert torch.equal(again[key], value), key
 
 
+def test_bf16_checkpoint_imports_into_fp32_exactly(tmp_path):
+    hf_dir = str(tmp_path / "hf16")
+    hf = save_transformers_model(str(tmp_path / "hf32"))
+    hf.to(torch.bfloat16).save_pretrained(hf_dir)
+    cfg = config(str(tmp_path / "run"), **{"model.init_from": f"hf://{hf_dir}", "model.preset": "null"})
+    model = build_model(cfg.model, seed=5)
+    load_hf_into(model, hf_dir)
+    hf_params = dict(hf.named_parameters())
+    assert torch.equal(model.layers[1].feed_forward.w2.weight, hf_params["model.layers.1.mlp.down_proj.weight"].float())
+    assert torch.equal(model.layers[0].attention.wk.weight,
+                       from_hf_layout(hf_params["model.layers.0.self_attn.k_proj.weight"].float(), 2))
+
+
 def test_sliced_reads_equal_the_full_tensor_locally_and_over_fsspec(tmp_path):
     """Arbitrary flat ranges (ZeRO-3 partitions, FSDP2 row blocks, empty) of every tensor,
     read through safe_open (local) and byte ranges (memory:// fsspec)."""
@@ -152,7 +165,7 @@ def test_sliced_reads_equal_the_full_tensor_locally_and_over_fsspec(tmp_path):
             for files in readers:
                 got = _read_flat(files, hf_name(name), p.shape, rotary_heads(name, model.args), start, stop - start)
                 assert torch.equal(got, flat[start:stop]), (name, start, stop, files.directory)
-    remote = build_model(model.args and config(str(tmp_path / "x"), **GQA).model, seed=7)
+    remote = build_model(config(str(tmp_path / "x"), **GQA).model, seed=7)
     load_hf_into(remote, "memory://hfslices")
     for key, value in model.state_dict().items():
         assert torch.equal(remote.state_dict()[key], value), key
@@ -213,6 +226,8 @@ def test_bad_inputs_are_one_line_errors_naming_file_and_tensor(tmp_path):
     # config mismatch: both values named
     msg = error_of(lambda: config(run, **{"model.init_from": f"hf://{hf_dir}", "model.preset": "llama-tiny"}), ConfigError)
     assert "model.preset=llama-tiny has ffn_dim=176" in msg and "intermediate_size=160" in msg
+    msg = error_of(lambda: config(run, **{"model.init_from": f"hf://{hf_dir}", "model.moe_num_experts": 2}), ConfigError)
+    assert "dense SwiGLU" in msg and "moe_num_experts=2" in msg
     # tensor shape mismatch: config.json edited to disagree with the tensors
     hf_cfg = json.load(open(f"{hf_dir}/config.json"))
     json.dump({**hf_cfg, "intermediate_size": 128}, open(f"{hf_dir}/config.json", "w"))

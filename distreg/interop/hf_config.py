@@ -128,6 +128,10 @@ def read_hf_config(directory: str) -> dict:
     except json.JSONDecodeError as e:
         raise HFFormatError(f"{path}: not valid JSON: {e}") from None
     arch = cfg.get("architectures") or []
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+               if k not in cfg]
+    if cfg.get("model_type") == "llama" and missing:
+        raise HFFormatError(f"{path}: missing {', '.join(missing)}; not a complete LlamaConfig")
     if cfg.get("model_type") != "llama" or (arch and arch[0] not in SUPPORTED_ARCHITECTURES):
         raise HFFormatError(f"{path}: model_type={cfg.get('model_type')!r}, architectures={arch}: not an HF Llama "
                             f"model; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")

@@ -106,6 +106,9 @@ def export_hf(cfg: RunConfig, checkpoint: str, out: str, dtype: str = "fp32", ma
     from distreg.interop.weight_source import open_weights
 
     args, shapes = model_args(cfg)
+    if "://" in out and not out.startswith("file://"):
+        raise HFFormatError(f"--out {out}: export to a local directory, then copy it (e.g. `aws s3 sync`)")
+    out = out.removeprefix("file://")
     if os.path.isdir(out) and os.listdir(out):
         raise HFFormatError(f"--out {out}: directory is not empty; export into a new directory")
     source = open_weights(checkpoint)
