@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import re
 from dataclasses import dataclass
 
