@@ -26,6 +26,7 @@ POLL_SECONDS=${POLL_SECONDS:-60}
 API_GRACE_SECONDS=${API_GRACE_SECONDS:-900}   # how long API reads may keep failing
 BACKOFF_SECONDS=${BACKOFF_SECONDS:-2}          # first retry delay; doubles up to 60 s
 LOG_LINES=${LOG_LINES:-200}
+REQUEST_TIMEOUT=${REQUEST_TIMEOUT:-30s}        # per call: a hung connection counts as a failure
 JOB_NAME=${JOB_NAME:-}                         # downward API: this pod's Job
 JOB_UID=${JOB_UID:-}
 
@@ -40,7 +41,7 @@ kube() {
   local started=$SECONDS delay=$BACKOFF_SECONDS out err
   err=$(mktemp)
   while :; do
-    if out=$(kubectl "$@" 2>"$err"); then
+    if out=$(kubectl "$@" --request-timeout="$REQUEST_TIMEOUT" 2>"$err"); then
       rm -f "$err"
       printf '%s' "$out"
       return 0
@@ -80,7 +81,7 @@ manifest=$(jq --arg name "$name" --arg job "$JOB_NAME" --arg uid "$JOB_UID" '
   | if $uid != "" then .metadata.ownerReferences = [
       {apiVersion: "batch/v1", kind: "Job", name: $job, uid: $uid}] else . end' "$TEMPLATE")
 create_err=$(mktemp)
-if ! printf '%s' "$manifest" | kubectl create -f - >/dev/null 2>"$create_err"; then
+if ! printf '%s' "$manifest" | kubectl create -f - --request-timeout="$REQUEST_TIMEOUT" >/dev/null 2>"$create_err"; then
   # The create may have reached the API server before the error: the name is ours
   # (our Job's), so an existing RayJob of that name is the one we asked for.
   if kube get rayjob "$name" -o name >/dev/null; then
