@@ -27,6 +27,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 CRONJOB = REPO / "k8s" / "bench-nightly-cronjob.yaml"
 JOB_NAME, JOB_UID = "distreg-bench-nightly-29412000", "0b6c8a3e-1111-2222-3333-444455556666"
+RAYJOB = JOB_NAME + "-ray"
 
 pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("jq")),
                                 reason="the launcher runs in registry.k8s.io/kubectl, which has bash and jq; "
@@ -151,7 +152,7 @@ TABLE = "| metric | baseline | latest | change | verdict |\n"
 
 def assert_created_once_and_deleted(cluster: Cluster) -> dict:
     (job,) = cluster.created()
-    assert cluster.verbs("delete") and cluster.verbs("delete")[-1][:3] == ["delete", "rayjob", JOB_NAME]
+    assert cluster.verbs("delete") and cluster.verbs("delete")[-1][:3] == ["delete", "rayjob", RAYJOB]
     return job
 
 
@@ -163,9 +164,11 @@ def test_api_errors_then_recovery_keep_watching_until_success(tmp_path):
     assert result.stdout.count("kubectl get failed") == 2
     assert "succeeded" in result.stdout and "no regression" in result.stdout  # the job's log is relayed
     job = assert_created_once_and_deleted(cluster)
-    # Named after the CronJob's Job and owned by it: Kubernetes collects it with the Job
-    # even if this pod dies before its own delete.
-    assert job["metadata"]["name"] == JOB_NAME
+    # Named after the CronJob's Job but not the same: KubeRay names its submitter Job after
+    # the RayJob and would mistake the launcher's Job for it. Owned by that Job: Kubernetes
+    # collects it with the Job even if this pod dies before its own delete.
+    assert job["metadata"]["name"] == RAYJOB
+    assert cluster.verbs("logs") == [["logs", f"job/{RAYJOB}", "--tail=200", "--request-timeout=30s"]]
     assert job["metadata"]["ownerReferences"] == [{"apiVersion": "batch/v1", "kind": "Job", "name": JOB_NAME, "uid": JOB_UID}]
     assert job["spec"] == json.loads(launcher_files()[1])["spec"]  # the template, unchanged
 
@@ -178,7 +181,7 @@ def test_persistent_api_outage_gives_up_with_its_own_status(tmp_path):
 
 
 def test_rayjob_deleted_by_someone_else_is_not_retried(tmp_path):
-    gone = {"error": f'Error from server (NotFound): rayjobs.ray.io "{JOB_NAME}" not found'}
+    gone = {"error": f'Error from server (NotFound): rayjobs.ray.io "{RAYJOB}" not found'}
     cluster = Cluster(tmp_path, {"status": [RUNNING, gone]})
     result = cluster.run()  # API_GRACE_SECONDS=30: a retried NotFound would take that long
     assert result.returncode == 3 and "can no longer be read" in result.stdout, result.stdout

@@ -2,7 +2,7 @@
 # Nightly benchmark launcher: the command of the CronJob in k8s/bench-nightly-cronjob.yaml
 # (image registry.k8s.io/kubectl, which ships bash and jq). It
 #   1. creates one RayJob from the template $RAYJOB_TEMPLATE (JSON, same ConfigMap), named
-#      after this pod's Job and owned by it (so Kubernetes deletes it with the Job even if
+#      <this pod's Job>-ray and owned by that Job (so Kubernetes deletes it with the Job even if
 #      this pod is killed);
 #   2. watches .status.jobDeploymentStatus (cluster and submission: Initializing, Running,
 #      Retrying, Complete, Failed, ValidationFailed) and .status.jobStatus (the Ray job);
@@ -60,7 +60,9 @@ kube() {
   done
 }
 
-name=${JOB_NAME:-distreg-bench-nightly-$(date -u +%Y%m%d%H%M)}
+# Not the Job's own name: KubeRay names its submitter Job after the RayJob, and would
+# take this launcher's Job for it.
+name=${JOB_NAME:-distreg-bench-nightly-$(date -u +%Y%m%d%H%M)}-ray
 created=""
 
 cleanup() {
