@@ -53,14 +53,11 @@ OBJECT_STORE_ENV = [
     ("AWS_SECRET_ACCESS_KEY", "aws-secret-access-key", False),
     ("AWS_ENDPOINT_URL", "aws-endpoint-url", False),
 ]
+# The example Secret's keys (its header lists the optional others: token, object-store keys).
 SECRET_EXAMPLE = {
     "mlflow-tracking-uri": "https://mlflow.example.com",
     "mlflow-tracking-username": "distreg",
     "mlflow-tracking-password": "REPLACE_ME",
-    "# mlflow-tracking-token": "or a bearer token instead of username/password",
-    "# aws-access-key-id": "only without workload identity",
-    "# aws-secret-access-key": "only without workload identity",
-    "# aws-endpoint-url": "S3-compatible stores only, e.g. http://minio.minio:9000",
 }
 
 # The training jobs: (file stem, RayJob name, config, deadline in seconds, header).
@@ -184,10 +181,10 @@ def train_entrypoint(config_rel: str, run: str, v: dict, storage: str) -> str:
     return shlex.join(words)
 
 
-def rayjob(name: str, entrypoint: str, spec: dict, deadline: int, backoff: int, ttl: int) -> dict:
+def rayjob(name: str, namespace: str, entrypoint: str, spec: dict, deadline: int, backoff: int, ttl: int) -> dict:
     return {
         "apiVersion": "ray.io/v1", "kind": "RayJob",
-        "metadata": {"name": name, "namespace": None, "labels": {"app.kubernetes.io/name": "distreg"}},
+        "metadata": {"name": name, "namespace": namespace, "labels": {"app.kubernetes.io/name": "distreg"}},
         "spec": {
             "entrypoint": entrypoint,
             "runtimeEnvYAML": "env_vars:\n  NCCL_DEBUG: WARN\n  TORCH_NCCL_ASYNC_ERROR_HANDLING: \"1\"\n",
@@ -201,11 +198,6 @@ def rayjob(name: str, entrypoint: str, spec: dict, deadline: int, backoff: int, 
     }
 
 
-def with_namespace(doc: dict, ns: str) -> dict:
-    doc["metadata"]["namespace"] = ns
-    return doc
-
-
 # ---- documents per file ------------------------------------------------------------------
 def identity_docs(v: dict) -> list[dict]:
     return [{"apiVersion": "v1", "kind": "ServiceAccount",
@@ -216,7 +208,7 @@ def identity_docs(v: dict) -> list[dict]:
 def secret_docs(v: dict) -> list[dict]:
     return [{"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
              "metadata": {"name": SECRET, "namespace": v["namespace"]},
-             "stringData": {k: val for k, val in SECRET_EXAMPLE.items() if not k.startswith("#")}}]
+             "stringData": dict(SECRET_EXAMPLE)}]
 
 
 def raycluster_docs(v: dict, storage: str) -> list[dict]:
@@ -228,18 +220,18 @@ def raycluster_docs(v: dict, storage: str) -> list[dict]:
 def train_docs(v: dict, storage: str, name: str, config_rel: str, deadline: int) -> list[dict]:
     replicas = nodes_for(load_repo_config(config_rel), v)
     run = name.removeprefix("distreg-")
-    job = rayjob(name, train_entrypoint(config_rel, run, v, storage), cluster_spec(v, storage, replicas),
-                 deadline, backoff=2, ttl=600)
-    return [with_namespace(job, v["namespace"])]
+    return [rayjob(name, v["namespace"], train_entrypoint(config_rel, run, v, storage),
+                   cluster_spec(v, storage, replicas), deadline, backoff=2, ttl=600)]
 
 
 def nightly_rayjob(v: dict) -> dict:
     suite = f"{IMAGE_REPO_ROOT}/{BENCH_SUITE}"
     entrypoint = (f"{shlex.join(['distreg', 'bench', 'run', suite, '--out', v['run_root'] + '/bench'])} && "
                   f"{shlex.join(['distreg', 'bench', 'compare', suite, '--best-of', '7'])}")
-    job = rayjob(NIGHTLY, entrypoint, cluster_spec(v, "object", replicas=1), deadline=6 * 3600, backoff=0, ttl=300)
+    job = rayjob(NIGHTLY, v["namespace"], entrypoint, cluster_spec(v, "object", replicas=1),
+                 deadline=6 * 3600, backoff=0, ttl=300)
     job["metadata"]["labels"]["app.kubernetes.io/component"] = "bench-nightly"
-    return with_namespace(job, v["namespace"])
+    return job
 
 
 def nightly_docs(v: dict) -> list[dict]:
