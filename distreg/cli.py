@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     hf_export.add_commands(sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
         dest="export_command", required=True))
+    from distreg import self_distill
+
+    self_distill.add_command(sub)
 
     p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
     p.add_argument("run_dir")
