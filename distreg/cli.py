@@ -98,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     hf_export.add_commands(sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
         dest="export_command", required=True))
+
     from distreg import self_distill
 
     self_distill.add_command(sub)
