@@ -69,7 +69,17 @@ def _ray_train_loop(loop_config: dict) -> None:
     if int(os.environ.get("RANK", "0")) == 0 and not _is_url(cfg["run_dir"]):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-    train_worker(cfg, resume=loop_config["resume"] or restarted)
+    result = train_worker(cfg, resume=loop_config["resume"] or restarted)
+    # Rank 0's summary reaches the driver through Ray (Result.metrics keeps rank 0's
+    # report), never through a file on rank 0's node. Every rank must report.
+    import ray.train
+
+    from distreg.config import RunConfig as _RunConfig
+    from distreg.runtime.trainer import summary_dict
+
+    ctx = ray.train.get_context()
+    ray.train.report({"summary": summary_dict(result, _RunConfig.model_validate(cfg), ctx.get_world_size())
+                      if ctx.get_world_rank() == 0 else {}})
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -122,8 +132,8 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
             worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),
     )
-    trainer.fit()
-    return summary(cfg)
+    result = trainer.fit()
+    return {**summary(cfg), "summary": (result.metrics or {}).get("summary")}
 
 
 def summary(cfg: RunConfig) -> dict:
