@@ -19,7 +19,8 @@ def test_smoke_suite_runs_through_ray(ray_cluster, token_data, tmp_path, capsys,
     uri = f"sqlite:///{tmp_path}/bench.db"
     suite = str(REPO / "configs/bench/smoke.yaml")
     run_id = run_suite(suite, "memory://bench-test", uri,
-                       [f"data.path={token_data}", "train.max_steps=3", "data.seq_len=32", "train.global_batch_size=8"])
+                       [f"data.path={token_data}", "train.max_steps=3", "data.seq_len=32", "train.global_batch_size=8",
+                        f"checkpoint.dir={tmp_path}/checkpoints/{{entry}}"])  # DeepSpeed needs a file system
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
     assert run.data.tags[HARDWARE_TAG] == f"2x cpu (1 CPU/worker, {platform.machine()})"

@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
     p.add_argument("--out", default="runs/bench", help="where the entries' run directories go (path or fsspec URL)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key in every entry (repeatable), e.g. --set train.max_steps=5")
+                   help="override a config key in every entry (repeatable), e.g. --set train.max_steps=5; "
+                        "{entry} stands for the entry's name")
     p.set_defaults(fn=_run)
     p = sub.add_parser("compare", help="compare a suite run to the median of earlier ones; exit 1 on regression, "
                                        "2 on a usage/lookup error")

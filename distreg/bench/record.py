@@ -28,7 +28,8 @@ def log_suite_run(mlflow_client, experiment: str, suite: str, results: dict[str,
     from mlflow.entities import Metric
 
     exp = mlflow_client.get_experiment_by_name(experiment)
-    exp_id = exp.experiment_id if exp else mlflow_client.create_experiment(experiment)
+    exp_id = exp.experiment_id if exp else mlflow_client.create_experiment(
+        experiment, artifact_location=_artifact_location(mlflow_client.tracking_uri))
     tags = {SUITE_TAG: suite, HARDWARE_TAG: hardware}
     if commit:
         tags[COMMIT_TAG] = commit
@@ -41,6 +42,14 @@ def log_suite_run(mlflow_client, experiment: str, suite: str, results: dict[str,
         mlflow_client.log_artifact(run.info.run_id, path)
     mlflow_client.set_terminated(run.info.run_id, end_time=start_time)
     return run.info.run_id
+
+
+def _artifact_location(uri: str) -> str | None:
+    """Beside a sqlite store (MLflow's default would be ./mlruns of whatever the current
+    directory is); a server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts").as_uri()
+    return None
 
 
 def suite_runs(mlflow_client, experiment: str, suite: str, limit: int = 1000) -> list:

@@ -75,8 +75,8 @@ def _join(root: str, *parts: str) -> str:
 
 def run_suite(path: str, out_dir: str = "runs/bench", tracking_uri: str | None = None,
               overrides: list[str] = ()) -> str:
-    """Run every entry (`overrides` apply to all, after each entry's own); returns the
-    MLflow run id of this suite execution."""
+    """Run every entry (`overrides` apply to all, after each entry's own; `{entry}` in
+    one stands for the entry's name); returns the MLflow run id of this suite execution."""
     from distreg.config import ConfigError, load_config
     from distreg.data import check_data
     from distreg.data.errors import DataError
@@ -87,7 +87,8 @@ def run_suite(path: str, out_dir: str = "runs/bench", tracking_uri: str | None =
     stamp = time.strftime("%Y%m%d-%H%M%S")
     root = _join(out_dir, f"{suite.suite}-{stamp}-{uuid.uuid4().hex[:6]}")  # one run_dir per execution
     # Validate every entry (config and data) before running any.
-    configs = {r.name: load_config(r.config, [*r.overrides, *overrides, f"run_dir={_join(root, r.name)}",
+    configs = {r.name: load_config(r.config, [*r.overrides, *(o.replace("{entry}", r.name) for o in overrides),
+                                              f"run_dir={_join(root, r.name)}",
                                               f"tracking.experiment={suite.experiment}-runs"]) for r in suite.runs}
     for name, cfg in configs.items():
         try:
