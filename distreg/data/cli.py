@@ -108,3 +108,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--task-mb", type=int, default=256, help="input megabytes per parallel task")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     p.set_defaults(fn=_tokenize)
+
+    from distreg.data.stdlib_corpus import add_command as add_stdlib_corpus
+
+    add_stdlib_corpus(sub, _reports_data_errors)
