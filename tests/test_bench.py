@@ -45,3 +45,17 @@ def test_shipped_suites_are_valid():
         suite = load_suite(str(path))
         for entry in suite.runs:
             assert (REPO / entry.config).exists(), f"{path.name}: {entry.config}"
+
+
+def test_hardware_probe_reads_nvidia_smi(tmp_path, monkeypatch):
+    """No GPU here: a stand-in `nvidia-smi` on PATH prints what the real one prints for
+    `--query-gpu=name,driver_version --format=csv,noheader` on a 2-GPU node."""
+    from distreg.bench.runner import _probe
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --query-gpu=name,driver_version ] || exit 9\n"
+                    "echo 'NVIDIA H100 80GB HBM3, 550.54.15'\necho 'NVIDIA H100 80GB HBM3, 550.54.15'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{__import__('os').environ['PATH']}")
+    info = _probe()
+    assert (info["gpu"], info["driver"], info["gpus_seen"]) == ("NVIDIA H100 80GB HBM3", "550.54.15", 2)
