@@ -54,7 +54,7 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def _ray_train_loop(loop_config: dict) -> None:
+def _ray_train_loop(loop_config: dict) -> dict | None:
     """Runs on every Ray Train worker (process group already initialised by Ray)."""
     import torch
 
@@ -70,16 +70,14 @@ def _ray_train_loop(loop_config: dict) -> None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
     result = train_worker(cfg, resume=loop_config["resume"] or restarted)
-    # Rank 0's summary reaches the driver through Ray (Result.metrics keeps rank 0's
-    # report), never through a file on rank 0's node. Every rank must report.
-    import ray.train
+    # Rank 0's return value reaches the driver through Ray (`Result.return_value`): the
+    # summary comes back without reading a file rank 0 wrote on another node.
+    if int(os.environ.get("RANK", "0")) == 0:
+        from distreg.config import RunConfig as _RunConfig
+        from distreg.runtime.trainer import summary_dict
 
-    from distreg.config import RunConfig as _RunConfig
-    from distreg.runtime.trainer import summary_dict
-
-    ctx = ray.train.get_context()
-    ray.train.report({"summary": summary_dict(result, _RunConfig.model_validate(cfg), ctx.get_world_size())
-                      if ctx.get_world_rank() == 0 else {}})
+        return summary_dict(result, _RunConfig.model_validate(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+    return None
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -133,7 +131,7 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
         ),
     )
     result = trainer.fit()
-    return {**summary(cfg), "summary": (result.metrics or {}).get("summary")}
+    return {**summary(cfg), "summary": result.return_value}
 
 
 def summary(cfg: RunConfig) -> dict:
