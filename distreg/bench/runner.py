@@ -19,13 +19,18 @@ from distreg.bench.record import client, log_suite_run
 from distreg.bench.report import format_table
 from distreg.bench.suite import DERIVED_METRICS, RUN_METRICS, load_suite
 
+PROBE_TIMEOUT_S = 600  # an autoscaler may have to bring a worker node back
 
-def _probe() -> dict:
-    """Runs on a worker node: what hardware a training worker there gets."""
+
+def _probe(gpus: bool = True) -> dict:
+    """Runs on a worker node: what hardware a training worker there gets (GPU model and
+    driver from nvidia-smi, else torch; `gpus=False`: CPU facts only)."""
     import os
     import platform
 
     info = {"machine": platform.machine(), "node_cpus": os.cpu_count(), "gpu": None, "driver": None, "gpus_seen": 0}
+    if not gpus:
+        return info
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=30)
@@ -50,8 +55,14 @@ def worker_hardware(cfg) -> str:
 
     s = cfg.scaling
     gpus = max(s.gpus_per_worker, 1) if s.use_gpu else 0
-    info = ray.get(ray.remote(_probe).options(num_cpus=s.cpus_per_worker, num_gpus=gpus,
-                                              resources=dict(s.resources_per_worker)).remote())
+    task = ray.remote(_probe).options(num_cpus=s.cpus_per_worker, num_gpus=gpus,
+                                      resources=dict(s.resources_per_worker)).remote(bool(gpus))
+    try:
+        info = ray.get(task, timeout=PROBE_TIMEOUT_S)
+    except ray.exceptions.GetTimeoutError:
+        ray.cancel(task, force=True)
+        raise RuntimeError(f"bench: no node with a worker's resources answered the hardware probe within "
+                           f"{PROBE_TIMEOUT_S} s") from None
     if gpus and info["gpu"]:
         return f"{s.num_workers}x {info['gpu']} ({gpus:g} GPU/worker, driver {info['driver'] or '?'})"
     return f"{s.num_workers}x cpu ({s.cpus_per_worker:g} CPU/worker, {info['machine']})"
