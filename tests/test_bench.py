@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 def test_smoke_suite_runs_through_ray(ray_cluster, token_data, tmp_path, capsys, monkeypatch):
     import platform
 
+    from distreg.bench.runner import _cpu_model
+
     monkeypatch.chdir(REPO)  # the suite names its configs relative to the repository
     uri = f"sqlite:///{tmp_path}/bench.db"
     suite = str(REPO / "configs/bench/smoke.yaml")
@@ -23,7 +25,8 @@ def test_smoke_suite_runs_through_ray(ray_cluster, token_data, tmp_path, capsys,
                         f"checkpoint.dir={tmp_path}/checkpoints/{{entry}}"])  # DeepSpeed needs a file system
     mlflow_client = client(uri)
     run = mlflow_client.get_run(run_id)
-    assert run.data.tags[HARDWARE_TAG] == f"2x cpu (1 CPU/worker, {platform.machine()})"
+    # The tag comes from a Ray task on a worker-resourced node: workers, CPUs each, model, arch.
+    assert run.data.tags[HARDWARE_TAG] == f"2x cpu (1 CPU/worker, {_cpu_model()}, {platform.machine()})"
     # Each entry's final loss is the last train/loss its own training run logged (rank 0).
     exp = mlflow_client.get_experiment_by_name("distreg-bench-runs")
     trained = mlflow_client.search_runs([exp.experiment_id])

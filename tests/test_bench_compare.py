@@ -11,7 +11,7 @@ from distreg.bench import compare, log_suite_run
 from distreg.bench.record import client
 from distreg.cli import main
 
-CPU = "2x cpu (1 CPU/worker, x86_64)"
+CPU = "2x cpu (1 CPU/worker, Intel Xeon, x86_64)"
 THRESHOLDS = {"final_loss": {"relative": 0.05}, "tokens_per_s": {"relative": 0.30},
               "step_time_p50_s": {"relative": 0.40}, "eval/top1": {"absolute": 0.005}, "eval/loss": {"relative": 0.02}}
 

@@ -22,13 +22,26 @@ from distreg.bench.suite import DERIVED_METRICS, RUN_METRICS, load_suite
 PROBE_TIMEOUT_S = 600  # an autoscaler may have to bring a worker node back
 
 
+def _cpu_model() -> str:
+    import platform
+
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return " ".join(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
 def _probe(gpus: bool = True) -> dict:
     """Runs on a worker node: what hardware a training worker there gets (GPU model and
     driver from nvidia-smi, else torch; `gpus=False`: CPU facts only)."""
     import os
     import platform
 
-    info = {"machine": platform.machine(), "node_cpus": os.cpu_count(), "gpu": None, "driver": None, "gpus_seen": 0}
+    info = {"machine": platform.machine(), "cpu_model": _cpu_model(), "node_cpus": os.cpu_count(), "gpu": None,
+            "driver": None, "gpus_seen": 0}
     if not gpus:
         return info
     try:
@@ -50,7 +63,7 @@ def _probe(gpus: bool = True) -> dict:
 def worker_hardware(cfg) -> str:
     """The hardware tag of `cfg`'s workers, probed on a node that can host one:
     "<workers>x <GPU model> (<gpus/worker> GPU/worker, driver <version>)" or
-    "<workers>x cpu (<cpus/worker> CPU/worker, <arch>)"."""
+    "<workers>x cpu (<cpus/worker> CPU/worker, <CPU model>, <arch>)"."""
     import ray
 
     s = cfg.scaling
@@ -65,7 +78,7 @@ def worker_hardware(cfg) -> str:
                            f"{PROBE_TIMEOUT_S} s") from None
     if gpus and info["gpu"]:
         return f"{s.num_workers}x {info['gpu']} ({gpus:g} GPU/worker, driver {info['driver'] or '?'})"
-    return f"{s.num_workers}x cpu ({s.cpus_per_worker:g} CPU/worker, {info['machine']})"
+    return f"{s.num_workers}x cpu ({s.cpus_per_worker:g} CPU/worker, {info['cpu_model']}, {info['machine']})"
 
 
 def entry_metrics(info: dict) -> dict[str, float]:
