@@ -126,6 +126,9 @@ def test_usage_and_lookup_errors_exit_2_with_one_line(store, capsys):
         assert main(["bench", "compare", suite, "--tracking-uri", store["uri"], *args]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    assert main(["bench", "compare", suite, "--tracking-uri", f"sqlite:///{store['root']}/nowhere.db"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no MLflow store at" in err and not (store["root"] / "nowhere.db").exists()
     bad = store["root"] / "bad.yaml"
     bad.write_text(yaml.safe_dump({"suite": "x", "runs": [{"name": "a", "config": "c.yaml"}],
                                    "thresholds": {"eval/bleu": {"relative": 0.1}}}))

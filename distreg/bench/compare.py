@@ -14,8 +14,9 @@ import math
 import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
-from distreg.bench.record import COMMIT_TAG, HARDWARE_TAG, SUITE_TAG, BenchError, client, suite_runs
+from distreg.bench.record import COMMIT_TAG, HARDWARE_TAG, SUITE_TAG, BenchError, client, resolve_uri, suite_runs
 from distreg.bench.suite import Suite, load_suite
 
 
@@ -139,7 +140,11 @@ def compare(path: str, baseline_run: str | None = None, last: int | None = None,
     from distreg.bench.report import format_rows
 
     suite = load_suite(path)
-    mlflow_client = client(tracking_uri)
+    uri = resolve_uri(tracking_uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        # Say so, and create no empty store as a side effect of a lookup.
+        raise BenchError(f"no MLflow store at {uri.removeprefix('sqlite:///')} (set --tracking-uri or MLFLOW_TRACKING_URI)")
+    mlflow_client = client(uri)
     latest, pool, note = select(suite, mlflow_client, run_id, baseline_run, last)
     result = Comparison(suite.suite, latest.info.run_id, [r.info.run_id for r in pool],
                         latest.data.tags.get(HARDWARE_TAG, "?"), latest.data.tags.get(COMMIT_TAG),

@@ -15,10 +15,14 @@ class BenchError(Exception):
     """A usage or lookup error of a bench command: one line, exit code 2."""
 
 
+def resolve_uri(uri: str | None) -> str:
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/bench/mlflow.db').resolve()}"
+
+
 def client(uri: str | None):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('runs/bench/mlflow.db').resolve()}")
+    return MlflowClient(resolve_uri(uri))
 
 
 def log_suite_run(mlflow_client, experiment: str, suite: str, results: dict[str, dict[str, float]], hardware: str,
