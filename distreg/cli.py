@@ -94,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_commands(sub.add_parser("adapters", help="adapter tools (merge into plain weights)").add_subparsers(
         dest="adapters_command", required=True))
 
+    from distreg.interop import hf_export
+
+    hf_export.add_commands(sub.add_parser("export", help="export a checkpoint to another format").add_subparsers(
+        dest="export_command", required=True))
+
     p = sub.add_parser("mlflow-sync", help="upload metrics a tracking outage kept in <run_dir>")
     p.add_argument("run_dir")
     p.add_argument("--uri", default=None, help="tracking URI (default: $MLFLOW_TRACKING_URI or the run's sqlite)")

@@ -43,6 +43,8 @@ class ModelConfig(_Strict):
     # model.pt of `distreg prune dsnot`, `distreg adapters merge`) or a distreg checkpoint
     # (a step directory or a checkpoint root, any strategy). Written into every rank's
     # shards after sharding; parameters only (buffers keep their init). --resume wins.
+    # hf://DIR (local dir or fsspec URL): a Hugging Face Llama directory, each rank reading
+    # only its slices; without model.preset the dimensions come from DIR/config.json.
     init_from: str | None = None
     # Mixture of experts (llama): 0 = dense SwiGLU everywhere. Experts are spread over the
     # ranks (expert parallelism: moe_num_experts divisible by scaling.num_workers).
@@ -330,6 +332,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = RunConfig.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_format_error(e, source)) from None
+    if cfg.model.init_from and cfg.model.init_from.startswith("hf://"):
+        from distreg.interop.hf_model_config import model_config_from_hf  # lazy: torch
+
+        cfg.model = model_config_from_hf(cfg.model, raw.get("model") or {}, source)
     # Hook names and parameters are checked by their registry (imported lazily:
     # hooks import torch-heavy code the config layer should not need).
     from distreg.hooks.registry import validate_hook_specs

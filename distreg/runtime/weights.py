@@ -110,7 +110,12 @@ def read_weights(path: str) -> dict[str, torch.Tensor]:
 def init_shards_from(shards, path: str) -> None:
     """Write the weights at `path` into this rank's local shards (`ParamShard`s); called
     on every rank (the writes are collective under ZeRO-3). Every trainable parameter
-    must be there with its full shape; extra entries (buffers, other heads) are ignored."""
+    must be there with its full shape; extra entries (buffers, other heads) are ignored.
+    `hf://DIR`: a Hugging Face Llama directory, read slice by slice (distreg.interop)."""
+    if path.startswith("hf://"):
+        from distreg.interop.hf_import import init_shards_from_hf
+
+        return init_shards_from_hf(shards, path)
     weights = read_weights(path)
     for shard in shards:
         if shard.name not in weights:

@@ -1,0 +1,1 @@
+"""Interoperability with other tools' checkpoint formats (Hugging Face Llama)."""
