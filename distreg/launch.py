@@ -54,7 +54,7 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def _ray_train_loop(loop_config: dict) -> None:
+def _ray_train_loop(loop_config: dict) -> dict | None:
     """Runs on every Ray Train worker (process group already initialised by Ray)."""
     import torch
 
@@ -69,7 +69,15 @@ def _ray_train_loop(loop_config: dict) -> None:
     if int(os.environ.get("RANK", "0")) == 0 and not _is_url(cfg["run_dir"]):
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.touch()
-    train_worker(cfg, resume=loop_config["resume"] or restarted)
+    result = train_worker(cfg, resume=loop_config["resume"] or restarted)
+    # Rank 0's return value reaches the driver through Ray (`Result.return_value`): the
+    # summary comes back without reading a file rank 0 wrote on another node.
+    if int(os.environ.get("RANK", "0")) == 0:
+        from distreg.config import RunConfig as _RunConfig
+        from distreg.runtime.trainer import summary_dict
+
+        return summary_dict(result, _RunConfig.model_validate(cfg), int(os.environ.get("WORLD_SIZE", "1")))
+    return None
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -122,8 +130,8 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
             worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),
     )
-    trainer.fit()
-    return summary(cfg)
+    result = trainer.fit()
+    return {**summary(cfg), "summary": result.return_value}
 
 
 def summary(cfg: RunConfig) -> dict:

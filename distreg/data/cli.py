@@ -80,8 +80,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--val-per-class", type=int, default=4)
     p.add_argument("--min-size", type=int, default=40, help="smallest image side (pixels)")
     p.add_argument("--max-size", type=int, default=64, help="largest image side (pixels)")
-    p.add_argument("--val-layout", choices=["csv", "folders"], default="csv",
-                   help="flat val/ + LOC_val_solution.csv, or val/<wnid>/ folders")
+    p.add_argument("--val-layout", choices=["csv", "devkit", "folders"], default="csv",
+                   help="flat val/ + LOC_val_solution.csv, flat val/ + the devkit's ground truth and meta.mat, "
+                        "or val/<wnid>/ folders")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_synth_imagenet)
 
@@ -91,7 +92,9 @@ def add_data_commands(sub) -> None:
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     p.add_argument("--seed", type=int, default=0, help="sample order before sharding")
-    p.add_argument("--val-labels", default=None, help="val label file (default: look for LOC_val_solution.csv)")
+    p.add_argument("--val-labels", default=None, help="val labels: LOC_val_solution.csv, '<image> <wnid>' lines, or the devkit's "
+                        "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it) or folder (default: look under "
+                        "SRC for ILSVRC2012_devkit_t12/data, then LOC_val_solution.csv)")
     p.add_argument("--verify", action="store_true", help="on restart, re-check the checksum of complete shards")
     p.set_defaults(fn=_imagenet_to_shards)
 
@@ -105,3 +108,7 @@ def add_data_commands(sub) -> None:
     p.add_argument("--task-mb", type=int, default=256, help="input megabytes per parallel task")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
     p.set_defaults(fn=_tokenize)
+
+    from distreg.data.stdlib_corpus import add_command as add_stdlib_corpus
+
+    add_stdlib_corpus(sub, _reports_data_errors)

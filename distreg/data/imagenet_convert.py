@@ -3,8 +3,9 @@
 Source layout (local path or fsspec URL):
   train/<wnid>/*.JPEG
   val/<wnid>/*.JPEG                      (after the usual valprep), or
-  val/*.JPEG + a label file: LOC_val_solution.csv (Kaggle: ImageId,PredictionString)
-                             or lines "<image name> <wnid | class index>"
+  val/*.JPEG + labels: the devkit's ILSVRC2012_validation_ground_truth.txt + meta.mat,
+                      LOC_val_solution.csv (Kaggle: ImageId,PredictionString)
+                      or lines "<image name> <wnid | class index>" (imagenet_labels.py)
   LOC_synset_mapping.txt                 optional: "<wnid> <names>" per line
 
 Output under DEST: `classes.json` (index -> wnid, name), and per split `manifest.json`,
@@ -21,7 +22,6 @@ the recorded size (and checksum with `verify=True`). `manifest.json` is written 
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import multiprocessing
@@ -36,9 +36,9 @@ import numpy as np
 
 from distreg.data.tarshards import FORMAT, MANIFEST, OFFSETS, member_offsets, sha256
 from distreg.data.errors import DataError
+from distreg.data.imagenet_labels import read_val_labels
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
-VAL_LABEL_FILES = ("LOC_val_solution.csv", "val/LOC_val_solution.csv", "val_labels.txt", "val/val_labels.txt")
 MTIME = 1_325_376_000  # fixed member mtime (2012-01-01): identical runs give identical shards
 
 
@@ -67,37 +67,6 @@ def _stem(path: str) -> str:
 
 def _images(fs, folder: str) -> list[str]:
     return sorted(p for p in fs.find(folder) if p.lower().endswith(IMAGE_EXTS))
-
-
-def _read_val_labels(fs, root: str, explicit: str | None, wnid_index: dict[str, int]) -> dict[str, int]:
-    candidates = [explicit] if explicit else [posixpath.join(root, f) for f in VAL_LABEL_FILES]
-    for path in candidates:
-        lfs, lpath = fsspec.core.url_to_fs(path) if explicit else (fs, path)
-        if not lfs.exists(lpath):
-            if explicit:
-                raise DataError(f"--val-labels: {path} does not exist")
-            continue
-        text = lfs.cat_file(lpath).decode()
-        labels = {}
-        if text.startswith("ImageId,"):
-            for row in csv.DictReader(io.StringIO(text)):
-                labels[row["ImageId"]] = row["PredictionString"].split()[0]
-        else:
-            for line in text.splitlines():
-                if line.strip():
-                    name, label = line.split()[:2]
-                    labels[_stem(name)] = label
-        out = {}
-        for stem, label in labels.items():
-            if label in wnid_index:
-                out[stem] = wnid_index[label]
-            elif label.isdigit() and int(label) < len(wnid_index):
-                out[stem] = int(label)
-            else:
-                raise DataError(f"{path}: label {label!r} of {stem} is neither a train wnid nor a class index")
-        return out
-    raise DataError(f"{root}/val holds no class folders and no label file ({', '.join(VAL_LABEL_FILES)}); "
-                    f"pass --val-labels")
 
 
 def scan(src: str, val_labels: str | None = None) -> tuple[list[dict], dict[str, list[Sample]]]:
@@ -136,7 +105,7 @@ def scan(src: str, val_labels: str | None = None) -> tuple[list[dict], dict[str,
                     raise DataError(f"{p}: val class folder {wnid!r} is not a train class")
                 samples.append(Sample(_stem(p), p, wnid_index[wnid]))
         else:
-            labels = _read_val_labels(fs, root, val_labels, wnid_index)
+            labels = read_val_labels(fs, root, val_labels, wnid_index)
             missing = [p for p in files if _stem(p) not in labels]
             if missing:
                 raise DataError(f"{missing[0]}: no label in the val label file ({len(missing)} images lack one)")

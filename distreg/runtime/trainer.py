@@ -202,7 +202,16 @@ class Trainer:
 
 
 def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: int) -> None:
-    """`<run_dir>/summary.json`: what benchmark suites and scripts read after a run."""
+    """`<run_dir>/summary.json`: what scripts read after a run."""
+    summary = summary_dict(result, cfg, world_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=1))
+    tmp.replace(path)
+
+
+def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
+    """What a run reports at its end (summary.json, and to the driver through Ray)."""
     import resource
 
     times = sorted(result.step_times) or [float("nan")]
@@ -217,10 +226,7 @@ def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: i
         "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
         "losses": {str(k): v for k, v in sorted(result.losses.items())[-100:]},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(path)
+    return summary
 
 
 def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
