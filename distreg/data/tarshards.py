@@ -108,6 +108,17 @@ class ShardIndex:
                             f"`distreg data imagenet-to-shards SRC DEST` and point data.path at DEST/train") from None
         if manifest.get("format") != FORMAT:
             raise DataError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+        if manifest.get("complete") is False:
+            missing = list(manifest.get("missing", []))
+            try:  # shards finished since the manifest was written (their records exist)
+                done = {posixpath.basename(p)[: -len(".json")] for p in fs.glob(posixpath.join(self.root, "_parts", "*.json"))}
+            except (FileNotFoundError, OSError):
+                done = set()
+            still = [m for m in missing if m not in done] or missing
+            shown = ", ".join(still[:10]) + (f" and {len(still) - 10} more" if len(still) > 10 else "")
+            raise DataError(f"data.path: {url!r} is an incomplete split ({path} has complete=false): "
+                            f"{len(still)} of {manifest.get('num_shards', '?')} shards missing: {shown}; re-run "
+                            f"`distreg data imagenet-to-shards` with the same arguments to finish it")
         self.manifest = manifest
         self.num_classes = int(manifest.get("num_classes", 0))
         self.shards = [posixpath.join(self.root, s["file"]) for s in manifest["shards"]]
@@ -129,6 +140,20 @@ class ShardIndex:
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def check_files(self) -> None:
+        """Every shard present with its manifest size (one listing; the driver's check
+        before workers start)."""
+        fs = self.fs()
+        try:
+            sizes = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(self.root, detail=True)}
+        except (FileNotFoundError, OSError):
+            sizes = {}
+        bad = [f"{posixpath.basename(s)} ({'missing' if sizes.get(posixpath.basename(s)) is None else f'{sizes[posixpath.basename(s)]} bytes, manifest says {int(n)}'})"
+               for s, n in zip(self.shards, self.shard_bytes) if sizes.get(posixpath.basename(s)) != n]
+        if bad:
+            raise DataError(f"data.path: {self.url!r}: {len(bad)} shard(s) missing or of the wrong size: "
+                            f"{', '.join(bad[:10])}")
 
     def fs(self):
         # One filesystem object per process: fsspec's async filesystems (http, s3) own

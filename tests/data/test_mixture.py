@@ -87,7 +87,7 @@ def test_same_global_batches_and_resume_on_other_world_sizes(corpora):
         s.load_state_dict(state)
     assert [_step(resumed) for _ in range(5)] == expected[3:]
     with pytest.raises(Exception, match="different data.sources"):
-        _streams(corpora)[0].load_state_dict({**state, "names": ["web", "code"]})
+        _streams(corpora)[0].load_state_dict({**state, "names": ["web", "math", "code"]})
 
 
 def test_built_from_config(corpora, tmp_path):
