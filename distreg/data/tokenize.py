@@ -75,15 +75,16 @@ def load_tokenizer(spec: str, eos_token: str | None = None):
     return ByteTokenizer() if spec == "bytes" else HFTokenizer(spec, eos_token)
 
 
-def list_inputs(src: str) -> list[str]:
-    """The text files of `src` (a file, a directory or a glob), sorted, as full URLs."""
+def list_inputs(src: str, sizes: dict[str, int] | None = None) -> list[str]:
+    """The text files of `src` (a file, a directory or a glob), sorted, as full URLs;
+    their sizes go into `sizes` (from the listing: no request per file)."""
     fs, path = fsspec.core.url_to_fs(src)
     if fs.isdir(path):
-        files = fs.find(path)
+        found = fs.find(path, detail=True)
     elif any(c in path for c in "*?["):
-        files = fs.glob(path)
+        found = fs.glob(path, detail=True)
     elif fs.exists(path):
-        files = [path]
+        found = {path: fs.info(path)}
     else:
         raise DataError(f"tokenize: {src} does not exist")
 
@@ -92,9 +93,11 @@ def list_inputs(src: str) -> list[str]:
             p = p.removesuffix(c)
         return p.endswith(TEXT_SUFFIXES)
 
-    files = sorted(f for f in files if is_text(f))
+    files = sorted(f for f, info in found.items() if is_text(f) and info.get("type") != "directory")
     if not files:
         raise DataError(f"tokenize: no {'/'.join(TEXT_SUFFIXES)} files under {src}")
+    if sizes is not None:
+        sizes.update({fs.unstrip_protocol(f): int(found[f].get("size") or 0) for f in files})
     return [fs.unstrip_protocol(f) for f in files]
 
 
@@ -103,6 +106,10 @@ def documents(url: str, text_key: str):
     base = url
     for c in COMPRESSIONS:
         base = base.removesuffix(c)
+    if base == url and base.endswith(".txt"):  # one GET, no HEAD: object stores charge per request
+        fs, path = fsspec.core.url_to_fs(url)
+        yield fs.cat_file(path).decode("utf-8")
+        return
     with fsspec.open(url, "rt", encoding="utf-8", compression="infer") as f:
         if base.endswith(".txt"):
             yield f.read()
@@ -217,9 +224,9 @@ def _complete(fs, root: str, task: Task, verify: bool) -> dict | None:
 def plan_tasks(src: str, dest: str, tokenizer: str, eos_token: str | None, text_key: str, shard_tokens: int,
                task_bytes: int) -> tuple[list[str], list[Task]]:
     """Input files (sorted) cut into tasks of about `task_bytes`, in order."""
-    files = list_inputs(src)
-    fs = fsspec.core.url_to_fs(src)[0]
-    sizes = [fs.size(fsspec.core.url_to_fs(f)[1]) or 0 for f in files]
+    size_of: dict[str, int] = {}
+    files = list_inputs(src, size_of)
+    sizes = [size_of[f] for f in files]
     tok_sha = ""
     if tokenizer != "bytes":
         with fsspec.open(tokenizer, "rb") as f:
