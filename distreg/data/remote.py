@@ -88,6 +88,7 @@ class RangeReader:
         self._pool: ThreadPoolExecutor | None = None
         self._pid = os.getpid()
         self.requests = 0  # storage requests made (cache misses)
+        self._count_lock = threading.Lock()
 
     def _executor(self) -> ThreadPoolExecutor:
         # Per process: a forked dataloader worker must not inherit the parent's threads.
@@ -103,7 +104,8 @@ class RangeReader:
             if data is not None and len(data) == end - start:
                 return data
         data = self.fs.cat_file(path, start=start, end=end)
-        self.requests += 1
+        with self._count_lock:
+            self.requests += 1
         if key is not None and len(data) == end - start:
             self.cache.put(key, data)
         return data
@@ -117,4 +119,9 @@ class RangeReader:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pool"] = None  # threads do not travel to dataloader workers
+        state["_count_lock"] = None
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._count_lock = threading.Lock()
