@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -161,6 +162,7 @@ def main() -> None:
                     print(f"{kind:7} {model_ms:6.0f} {name:12} {rate:10.0f} {wait * 1000:13.1f} {rate / local:15.2f}")
     finally:
         s3.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
