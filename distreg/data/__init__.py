@@ -44,7 +44,7 @@ def _image_samples(cfg: RunConfig):
 
     d = cfg.data
     samples = ImageSamples(d.path, d.image_size, d.transform == "train", cfg.train.seed, d.skip_corrupt,
-                           max_in_flight=d.remote.max_in_flight, decode_device=d.decode_device)
+                           max_in_flight=d.remote.max_in_flight, decode_device=d.decode_device, verify=d.verify)
     if cfg.model.kind == "torchvision" and cfg.model.num_classes < samples.index.num_classes:
         raise DataError(f"model.num_classes={cfg.model.num_classes} but {d.path} has "
                         f"{samples.index.num_classes} classes")

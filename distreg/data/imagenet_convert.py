@@ -30,12 +30,13 @@ import json
 import posixpath
 import random
 import tarfile
+import zlib
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 
-from distreg.data.tarshards import FORMAT, MANIFEST, OFFSETS, member_offsets, sha256
+from distreg.data.tarshards import CRC32, FORMAT, MANIFEST, OFFSETS, member_offsets, sha256
 from distreg.data.errors import DataError
 
 IMAGE_EXTS = (".jpeg", ".jpg", ".png")
@@ -186,8 +187,10 @@ def write_shard(job: tuple[str, ShardPlan]) -> dict:
     starts, end, keys = member_offsets(data)
     assert keys == [s.key for s in plan.samples], "TarWriter changed the sample order"
     atomic_write(dfs, posixpath.join(plan.dest, plan.name), data)
+    bounds = starts + [end]
     record = {"file": plan.name, "num_samples": len(plan.samples), "bytes": len(data), "sha256": sha256(data),
-              "first_key": keys[0], "last_key": keys[-1], "plan_sha": plan.plan_sha, "offsets": starts + [end]}
+              "first_key": keys[0], "last_key": keys[-1], "plan_sha": plan.plan_sha, "offsets": bounds,
+              "crc32": [zlib.crc32(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]}
     atomic_write(dfs, _record_path(plan), json.dumps(record).encode())  # last: marks the shard complete
     return record
 
@@ -294,9 +297,15 @@ def _write_manifest(dfs, split_root: str, split: str, records: list[dict], num_c
     from distreg.data.convert_run import atomic_write
 
     atomic_write(dfs, posixpath.join(split_root, OFFSETS), obuf.getvalue())
+    checksums = {}
+    if records and all("crc32" in r for r in records):  # per-sample crc32: ranged reads verify what they fetch
+        cbuf = io.BytesIO()
+        np.save(cbuf, np.concatenate([np.asarray(r["crc32"], dtype=np.uint32) for r in records]))
+        atomic_write(dfs, posixpath.join(split_root, CRC32), cbuf.getvalue())
+        checksums = {"sample_crc32": {"file": CRC32, "sha256": sha256(cbuf.getvalue())}}
     manifest = {"format": FORMAT, "split": split, "complete": True, "num_samples": sum(r["num_samples"] for r in records),
                 "num_classes": num_classes, "classes": "../classes.json", "members": ["cls", "jpg"],
-                "offsets": {"file": OFFSETS, "sha256": sha256(obuf.getvalue())},
+                "offsets": {"file": OFFSETS, "sha256": sha256(obuf.getvalue())}, **checksums,
                 "shards": [{k: r[k] for k in ("file", "num_samples", "bytes", "sha256", "first_key", "last_key")}
                            for r in records]}
     atomic_write(dfs, posixpath.join(split_root, MANIFEST), json.dumps(manifest, indent=1).encode())  # last

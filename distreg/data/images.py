@@ -46,8 +46,9 @@ class ImageSamples:
     come from the seeded CPU generator either way)."""
 
     def __init__(self, url: str, image_size: int = 224, train: bool = True, seed: int = 0,
-                 skip_corrupt: bool = False, max_in_flight: int = 8, decode_device: str = "cpu"):
-        self.index = ShardIndex(url)
+                 skip_corrupt: bool = False, max_in_flight: int = 8, decode_device: str = "cpu",
+                 verify: bool = True):
+        self.index = ShardIndex(url, verify)
         self.url, self.image_size, self.train, self.seed = url, image_size, train, seed
         self.skip_corrupt = skip_corrupt
         self.transform = train_transform(image_size) if train else val_transform(image_size)

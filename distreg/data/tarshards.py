@@ -8,6 +8,10 @@ On-disk format of one split directory (local path or fsspec URL):
   offsets.npy        int64; for each shard in order, the byte offset of each sample's
                      first tar header followed by the offset where its last sample ends
                      (N + number of shards values)
+  crc32.npy          uint32 crc32 of each sample's bytes (manifest "sample_crc32"):
+                     every ranged read is verified, so a size-preserving corruption
+                     is named by shard and offset (whole-shard sha256 cannot be checked
+                     by a reader that fetches single samples)
   shard-000000.tar   plain webdataset shards (`<key>.cls`, `<key>.jpg`), readable by
                      any webdataset loader
 
@@ -28,6 +32,7 @@ import json
 import os
 import posixpath
 import tarfile
+import zlib
 
 import fsspec
 import numpy as np
@@ -37,6 +42,7 @@ from distreg.data.errors import DataError
 FORMAT = "distreg-wds/1"
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
+CRC32 = "crc32.npy"  # optional: uint32 crc32 of each sample's byte range, in sample order
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -97,7 +103,7 @@ def parse_sample(chunk: bytes, shard: str, offset: int) -> dict[str, bytes]:
 class ShardIndex:
     """The manifest and sample offsets of one split; `read(i)` fetches sample i."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, verify: bool = True):
         self.url = url.rstrip("/")
         fs, self.root = fsspec.core.url_to_fs(self.url)
         path = posixpath.join(self.root, MANIFEST)
@@ -136,6 +142,15 @@ class ShardIndex:
         if len(self.offsets) != self.num_samples + len(self.shards):
             raise DataError(f"{opath}: {len(self.offsets)} offsets for {self.num_samples} samples in "
                             f"{len(self.shards)} shards")
+        self.crc32 = None
+        if verify and "sample_crc32" in manifest:
+            cpath = posixpath.join(self.root, manifest["sample_crc32"]["file"])
+            raw = fs.cat_file(cpath)
+            if sha256(raw) != manifest["sample_crc32"]["sha256"]:
+                raise DataError(f"{cpath}: checksum does not match {path}")
+            self.crc32 = np.load(io.BytesIO(raw))
+            if len(self.crc32) != self.num_samples:
+                raise DataError(f"{cpath}: {len(self.crc32)} checksums for {self.num_samples} samples")
         self._fs, self._pid = fs, os.getpid()
 
     def __len__(self) -> int:
@@ -183,4 +198,7 @@ class ShardIndex:
         if len(chunk) != end - start:
             raise DataError(f"shard {shard}: sample {index} at byte offset {start}: read {len(chunk)} of "
                             f"{end - start} bytes (shard truncated?)")
+        if self.crc32 is not None and zlib.crc32(chunk) != int(self.crc32[index]):
+            raise DataError(f"shard {shard}: sample {index} at byte offset {start}: crc32 does not match "
+                            f"{CRC32} (corrupt shard: same size, different bytes)")
         return parse_sample(chunk, shard, start)
