@@ -88,3 +88,20 @@ def test_missing_data_inside_a_ray_job_says_where_to_put_it(monkeypatch, tmp_pat
     with pytest.raises(DataError, match=r"inside a Ray job: `ray job submit --working-dir` uploads the code, "
                                         r"not the data \(data/ is gitignored\).*s3://"):
         TokenDataset("data/quickstart_tokens", 8)
+
+
+def test_progress_logged_to_mlflow(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"d{i}.txt").write_text("word " * (i + 1))
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    s = tokenize.tokenize_corpus(str(src), str(tmp_path / "out"), task_bytes=10, progress_every=0.0, mlflow_uri=uri)
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("distreg-data").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["data/tokens_done"] == s["num_tokens"] and run.data.metrics["data/files_done"] == 6
+    history = client.get_metric_history(run.info.run_id, "data/files_done")
+    assert [m.value for m in history][-1] == 6 and len(history) >= 2  # one point per finished task, then final
