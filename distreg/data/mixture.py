@@ -146,6 +146,12 @@ class MixtureBatches:
     def state_dict(self) -> dict:
         return copy.deepcopy(self._committed)
 
+    def close(self) -> None:
+        """Stop the read-ahead; the next `next_step` plans again from the last step returned."""
+        self.load_state_dict(self.state_dict())
+        for d in self.datasets:
+            d.close()
+
     def load_state_dict(self, state: dict) -> None:
         old_names, old_sizes = list(state["names"]), list(state["sizes"])
         k = len(old_names)

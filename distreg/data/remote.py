@@ -116,6 +116,12 @@ class RangeReader:
     def read(self, path: str, start: int, end: int) -> bytes:
         return self._fetch(path, start, end)
 
+    def close(self) -> None:
+        """Drop queued read-ahead and wait for the requests already running."""
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_pool"] = None  # threads do not travel to dataloader workers

@@ -212,6 +212,11 @@ class TokenDataset:
         self._check_ids(arr, s, start)
         return arr
 
+    def close(self) -> None:
+        """Stop the read-ahead (queued requests dropped, running ones awaited)."""
+        if self.reader is not None:
+            self.reader.close()
+
     def batch(self, indices: torch.Tensor, fetched: list | None = None) -> dict[str, torch.Tensor]:
         idx = indices.tolist()
         windows = np.stack([self.window(i, fetched[k] if fetched else None) for k, i in enumerate(idx)]).astype(np.int64)
@@ -287,3 +292,8 @@ class TokenBatches:
                             f"{self.ds.url} has {len(self.ds)} (different data or data.seq_len)")
         self.epoch, self.consumed = state["epoch"], state["consumed"]
         self._ahead.clear()
+
+    def close(self) -> None:
+        """Stop the read-ahead; the next `next_step` starts it again."""
+        self._ahead.clear()
+        self.ds.close()
