@@ -281,6 +281,8 @@ def _write_incomplete_manifest(dfs, split_root: str, split: str, missing: list[s
 
 def _remove_stale(dfs, split_root: str, keep: set[str]) -> None:
     """Shards (and records) of an earlier plan with more shards than this one."""
+    for path in dfs.glob(posixpath.join(split_root, "*.tmp-*")) + dfs.glob(posixpath.join(split_root, "_parts", "*.tmp-*")):
+        dfs.rm(path)  # temporaries of local writes a crash interrupted
     for path in dfs.glob(posixpath.join(split_root, "shard-*.tar")):
         name = posixpath.basename(path)
         if name not in keep:

@@ -297,8 +297,9 @@ def tokenize_corpus(src: str, dest: str, tokenizer: str = "bytes", eos_token: st
 
 def _remove_stale(fs, root: str, keep: set[str], num_tasks: int) -> None:
     """Shards and records of an earlier plan that this one no longer has."""
-    for path in fs.glob(posixpath.join(root, "shard_*.bin")):
-        if posixpath.basename(path) not in keep:
+    for path in (fs.glob(posixpath.join(root, "shard_*.bin")) + fs.glob(posixpath.join(root, "*.tmp-*"))
+                 + fs.glob(posixpath.join(root, "_parts", "*.tmp-*"))):
+        if posixpath.basename(path) not in keep:  # incl. temporaries of writes a crash interrupted
             fs.rm(path)
     for path in fs.glob(posixpath.join(root, "_parts", "task_*.json")):
         if int(posixpath.basename(path)[5:10]) >= num_tasks:
