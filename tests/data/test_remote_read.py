@@ -142,3 +142,37 @@ def test_cuda_decode_falls_back_to_cpu_without_a_gpu(imagenet_shards, monkeypatc
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     samples = ImageSamples(os.path.join(imagenet_shards, "val"), 16, train=False, decode_device="cuda")
     assert samples.decode_device == "cpu"
+
+
+def test_mixture_sources_in_two_buckets_equal_local(s3, tmp_path):
+    """Each source in its own bucket of the S3 server: the same batches as from local disk."""
+    import s3fs
+
+    from distreg.config import load_config
+    from distreg.data import build_data, check_data
+    from tests.data.objectstore import env_set
+
+    local = {}
+    for k, name in enumerate(("web", "code")):
+        local[name] = str(tmp_path / name)
+        write_token_shards(local[name], [100 * k + np.arange(200 + 60 * k) % 100], vocab_size=300)
+        s3.fs.mkdir(f"mix-{name}")
+        s3.fs.put(local[name] + "/", f"mix-{name}/tok", recursive=True)
+
+    def batches(paths: dict, cache: str | None) -> list[torch.Tensor]:
+        sources = [{"name": n, "path": p, "weight": w} for (n, p), w in zip(paths.items(), (0.75, 0.25))]
+        cfg = load_config(None, ["data.kind=mixture", f"data.sources={sources}", f"data.seq_len={SEQ}",
+                                 "train.global_batch_size=8", "train.grad_accum_steps=2", "scaling.num_workers=2",
+                                 f"data.remote.cache_dir={cache}", "data.remote.cache_bytes=100000"])
+        check_data(cfg)
+        src = build_data(cfg, 1, 2)
+        return [torch.cat([b["index"][:, None], b["input"]], 1) for _ in range(6) for b in src.next_step()]
+
+    expected = batches(local, None)
+    with env_set(s3.env):
+        try:
+            got = batches({n: f"s3://mix-{n}/tok" for n in local}, str(tmp_path / "cache"))
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 12
+    assert sorted(os.listdir(tmp_path / "cache" / "rank1")) == ["code", "web"]  # per rank, per source
