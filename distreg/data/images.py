@@ -68,6 +68,12 @@ class ImageSamples:
         state["_pool"] = None  # threads do not travel to dataloader workers
         return state
 
+    def close(self) -> None:
+        """Drop queued fetches and wait for the running ones."""
+        if self._pool is not None and self._pid == os.getpid():
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = None
+
     def submit(self, i: int) -> Future:
         """Start fetching sample i's bytes (thread pool of `max_in_flight`, per process)."""
         if self._pool is None or self._pid != os.getpid():
@@ -307,3 +313,4 @@ class ImageBatches:
             it._shutdown_workers()
         elif hasattr(it, "close"):
             it.close()  # the read-ahead generator
+        self.samples.close()
