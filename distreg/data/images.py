@@ -232,7 +232,7 @@ class ImageBatches:
         """Without decode workers: the bytes of the next `readahead_steps` steps are
         requested ahead (bounded by the fetch pool's `max_in_flight`); decoding happens
         here as each micro-batch is taken."""
-        depth = max(1, self.readahead_steps * self.grad_accum)
+        depth = self.readahead_steps * self.grad_accum  # 0: each micro-batch fetched when it is taken
         ahead: deque = deque()
         for items in sampler:
             ahead.append((items, [self.samples.submit(i) for _, i in items]))
