@@ -15,6 +15,10 @@ Kinds (`data.kind`):
   mixture   `mixture.MixtureBatches`: weighted token datasets (`data.sources`)
   imagenet  `images.ImageBatches`: webdataset tar shards with a manifest
             (`distreg data imagenet-to-shards`), decoded and augmented per sample
+
+Every path may be an fsspec URL; remote shards are read by ranges with a bounded
+read-ahead (`remote.py`, `data.remote`). Conversions (`tokenize`, `imagenet_convert`)
+run locally or as Ray tasks (`convert_run.py`) and are restartable.
 """
 from __future__ import annotations
 
