@@ -108,6 +108,16 @@ class MixtureSourceConfig(_Strict):
         return str(Path(path.removeprefix("file://")).resolve())
 
 
+class RemoteReadConfig(_Strict):
+    # Object-store / http shards (distreg/data/remote.py): ranged reads, at most
+    # max_in_flight requests at once per rank, the next readahead_steps steps requested
+    # ahead; optional local disk cache of fetched ranges (per rank, LRU, cache_bytes max).
+    max_in_flight: int = Field(8, gt=0)
+    readahead_steps: int = Field(2, ge=0)
+    cache_dir: str | None = None
+    cache_bytes: int = Field(0, ge=0)
+
+
 class DataConfig(_Strict):
     # tokens: one token dataset at `path`; mixture: the token datasets of `sources`;
     # imagenet: a webdataset split (manifest.json) at `path`, e.g. DEST/train.
@@ -125,6 +135,10 @@ class DataConfig(_Strict):
     transform: Literal["train", "val"] = "train"
     num_workers: int = Field(0, ge=0)  # decode processes per rank (torch DataLoader workers)
     prefetch: int = Field(2, gt=0)  # micro-batches each decode worker prepares ahead
+    decode_device: Literal["cpu", "cuda"] = "cpu"  # cuda: batched nvjpeg decode (falls back to cpu without a GPU)
+    # Shard checksums (sha256 in index.json) and token-id ranges checked on first read.
+    verify: bool = True
+    remote: RemoteReadConfig = RemoteReadConfig()
 
     @model_validator(mode="after")
     def _kind_needs(self) -> "DataConfig":

@@ -41,14 +41,25 @@ def _synth_imagenet(args) -> int:
     return 0
 
 
+def _where(nodes: dict[str, int]) -> str:
+    """Where the tasks ran: Ray node ids (counted), or this machine."""
+    ray_nodes = {k: v for k, v in nodes.items() if k not in ("driver", "pool")}
+    return f" (tasks on {len(ray_nodes)} Ray node(s): {sorted(ray_nodes.values())})" if ray_nodes else ""
+
+
 @_reports_data_errors
 def _imagenet_to_shards(args) -> int:
     from distreg.data.imagenet_convert import convert_imagenet
 
+    from distreg.data.convert_run import use_ray
+
     s = convert_imagenet(args.src, args.dest, shard_size=args.shard_size, processes=args.processes, seed=args.seed,
-                         val_labels=args.val_labels, verify=args.verify)
+                         val_labels=args.val_labels, verify=args.verify, ray=use_ray(args.ray),
+                         max_in_flight=args.max_in_flight, mlflow_uri=args.mlflow_uri,
+                         progress_every=args.progress_every)
     splits = ", ".join(f"{k}: {v} images" for k, v in s["splits"].items())
-    print(f"{args.dest}: {splits}; {s['written']} shards written, {s['skipped']} already complete")
+    print(f"{args.dest}: {splits}; {s['written']} shards written, {s['skipped']} already complete"
+          f"{_where(s['nodes'])}")
     return 0
 
 
@@ -56,12 +67,26 @@ def _imagenet_to_shards(args) -> int:
 def _tokenize(args) -> int:
     from distreg.data.tokenize import tokenize_corpus
 
+    from distreg.data.convert_run import use_ray
+
     s = tokenize_corpus(args.src, args.dest, tokenizer=args.tokenizer, eos_token=args.eos_token,
-                        text_key=args.text_key, shard_tokens=args.shard_tokens, task_bytes=args.task_mb * 2**20,
-                        processes=args.processes)
+                        text_key=args.text_key, shard_tokens=args.shard_tokens,
+                        task_bytes=int(args.task_mb * 2**20), processes=args.processes, ray=use_ray(args.ray),
+                        max_in_flight=args.max_in_flight, verify=args.verify, mlflow_uri=args.mlflow_uri,
+                        progress_every=args.progress_every)
     print(f"{args.dest}: {s['num_tokens']} tokens of {s['num_documents']} documents in {s['num_shards']} shards "
-          f"(vocab {s['vocab_size']}, eos {s['eos_id']})")
+          f"(vocab {s['vocab_size']}, eos {s['eos_id']}); {s['written']} tasks written, {s['skipped']} already complete"
+          f"{_where(s['nodes'])}")
     return 0
+
+
+def _add_job_args(p) -> None:
+    """Where a conversion runs and how it reports (shared by tokenize / imagenet-to-shards)."""
+    p.add_argument("--ray", action="store_true",
+                   help="run tasks on the Ray cluster of RAY_ADDRESS (or a new local one); implied by RAY_ADDRESS")
+    p.add_argument("--max-in-flight", type=int, default=None, help="tasks submitted at once (default 2 x CPUs)")
+    p.add_argument("--mlflow-uri", default=None, help="log progress (files, bytes, rate, ETA) to this MLflow server")
+    p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
 
 
 def add_data_commands(sub) -> None:
@@ -96,19 +121,36 @@ def add_data_commands(sub) -> None:
                         "ILSVRC2012_validation_ground_truth.txt (meta.mat beside it) or folder (default: look under "
                         "SRC for ILSVRC2012_devkit_t12/data, then LOC_val_solution.csv)")
     p.add_argument("--verify", action="store_true", help="on restart, re-check the checksum of complete shards")
+    _add_job_args(p)
     p.set_defaults(fn=_imagenet_to_shards)
 
-    p = sub.add_parser("tokenize", help="text/jsonl files -> token shards")
+    p = sub.add_parser("tokenize", help="text/jsonl files -> token shards (restartable)")
     p.add_argument("src", help="file, directory or glob of .txt/.jsonl (compressed ok); path or fsspec URL")
     p.add_argument("dest", help="output directory or fsspec URL")
     p.add_argument("--tokenizer", required=True, help="path/URL of a Hugging Face tokenizer.json, or 'bytes'")
     p.add_argument("--eos-token", default=None, help="end-of-document token (default: autodetect)")
     p.add_argument("--text-key", default="text", help="jsonl field holding the text")
     p.add_argument("--shard-tokens", type=int, default=2**27, help="tokens per shard at most")
-    p.add_argument("--task-mb", type=int, default=256, help="input megabytes per parallel task")
+    p.add_argument("--task-mb", type=float, default=256, help="input megabytes per parallel task")
     p.add_argument("--processes", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--verify", action="store_true", help="on restart, re-check the checksum of complete shards")
+    _add_job_args(p)
     p.set_defaults(fn=_tokenize)
 
     from distreg.data.stdlib_corpus import add_command as add_stdlib_corpus
 
     add_stdlib_corpus(sub, _reports_data_errors)
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m distreg.data.cli COMMAND ...`: the `distreg data` commands without the
+    rest of the CLI (which imports torch: seconds a conversion driver does not need)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m distreg.data.cli", description="distreg data commands")
+    add_data_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

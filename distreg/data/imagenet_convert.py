@@ -15,26 +15,28 @@ unchanged and `<key>.cls` with the class index; `__key__` is the source file's s
 The plan is deterministic: classes are the sorted wnids (torchvision's ImageFolder
 order) and samples are shuffled with `seed` before being cut into shards of
 `shard_size`, so plain streaming webdataset readers see mixed classes per shard.
-Shards are written in parallel processes. Restartable: after a shard is uploaded, a
-record `_parts/<shard>.json` (its plan hash, size, checksum and sample offsets) is
-written; a rerun skips every shard whose record matches the plan and whose file has
-the recorded size (and checksum with `verify=True`). `manifest.json` is written last.
+Shards are written in parallel processes or as Ray tasks over a cluster's nodes
+(`convert_run`), atomically. Restartable: after a shard is uploaded, a record
+`_parts/<shard>.json` (its plan hash, size, checksum and sample offsets) is written; a
+rerun skips every shard whose record matches the plan and whose file has the recorded
+size (and checksum with `verify=True`). While shards are missing, `manifest.json` says
+`"complete": false` and lists them (readers refuse the split); the full manifest, with
+per-shard counts and sha256, is written last.
 """
 from __future__ import annotations
 
 import io
 import json
-import multiprocessing
 import posixpath
 import random
 import tarfile
-from concurrent.futures import ProcessPoolExecutor
+import zlib
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 
-from distreg.data.tarshards import FORMAT, MANIFEST, OFFSETS, member_offsets, sha256
+from distreg.data.tarshards import CRC32, FORMAT, MANIFEST, OFFSETS, member_offsets, sha256
 from distreg.data.errors import DataError
 from distreg.data.imagenet_labels import read_val_labels
 
@@ -47,6 +49,7 @@ class Sample:
     key: str
     path: str
     label: int
+    size: int = 0  # source bytes (progress only; not part of the plan)
 
 
 @dataclass
@@ -65,8 +68,11 @@ def _stem(path: str) -> str:
     return posixpath.basename(path).split(".", 1)[0]
 
 
-def _images(fs, folder: str) -> list[str]:
-    return sorted(p for p in fs.find(folder) if p.lower().endswith(IMAGE_EXTS))
+def _images(fs, folder: str, sizes: dict[str, int] | None = None) -> list[str]:
+    found = fs.find(folder, detail=True)
+    if sizes is not None:
+        sizes.update({p: int(info.get("size") or 0) for p, info in found.items()})
+    return sorted(p for p in found if p.lower().endswith(IMAGE_EXTS))
 
 
 def scan(src: str, val_labels: str | None = None) -> tuple[list[dict], dict[str, list[Sample]]]:
@@ -92,11 +98,12 @@ def scan(src: str, val_labels: str | None = None) -> tuple[list[dict], dict[str,
     wnid_index = {w: i for i, w in enumerate(wnids)}
 
     splits: dict[str, list[Sample]] = {}
+    sizes: dict[str, int] = {}
     if has_train:
         splits["train"] = [Sample(_stem(p), p, wnid_index[posixpath.basename(posixpath.dirname(p))])
-                           for p in _images(fs, train_dir)]
+                           for p in _images(fs, train_dir, sizes)]
     if has_val:
-        files = _images(fs, val_dir)
+        files = _images(fs, val_dir, sizes)
         if any(posixpath.dirname(p) != val_dir for p in files):
             samples = []
             for p in files:
@@ -112,6 +119,8 @@ def scan(src: str, val_labels: str | None = None) -> tuple[list[dict], dict[str,
             samples = [Sample(_stem(p), p, labels[_stem(p)]) for p in files]
         splits["val"] = samples
     for split, samples in splits.items():
+        for s in samples:
+            s.size = sizes.get(s.path, 0)
         keys = [s.key for s in samples]
         if len(set(keys)) != len(keys):
             raise DataError(f"{src}/{split}: two images share a file name stem (keys must be unique)")
@@ -124,9 +133,13 @@ def _record_path(plan: ShardPlan) -> str:
     return posixpath.join(plan.dest, "_parts", plan.name + ".json")
 
 
-def write_shard(src: str, plan: ShardPlan) -> dict:
-    """Build one shard in memory (to learn its sample offsets and checksum), upload it,
-    then write its record. Runs in a worker process."""
+def write_shard(job: tuple[str, ShardPlan]) -> dict:
+    """Build one shard in memory (to learn its sample offsets and checksum), upload it
+    (atomically), then write its record. Runs in a worker process or Ray task; a retry
+    rewrites the same bytes."""
+    from distreg.data.convert_run import atomic_write
+
+    src, plan = job
     sfs = fsspec.core.url_to_fs(src)[0]
     dfs, _ = fsspec.core.url_to_fs(plan.dest)
     buf = io.BytesIO()
@@ -142,10 +155,12 @@ def write_shard(src: str, plan: ShardPlan) -> dict:
     data = buf.getvalue()
     starts, end, keys = member_offsets(data)
     assert keys == [s.key for s in plan.samples], "TarWriter changed the sample order"
-    dfs.pipe_file(posixpath.join(plan.dest, plan.name), data)
+    atomic_write(dfs, posixpath.join(plan.dest, plan.name), data)
+    bounds = starts + [end]
     record = {"file": plan.name, "num_samples": len(plan.samples), "bytes": len(data), "sha256": sha256(data),
-              "first_key": keys[0], "last_key": keys[-1], "plan_sha": plan.plan_sha, "offsets": starts + [end]}
-    dfs.pipe_file(_record_path(plan), json.dumps(record).encode())  # last: marks the shard complete
+              "first_key": keys[0], "last_key": keys[-1], "plan_sha": plan.plan_sha, "offsets": bounds,
+              "crc32": [zlib.crc32(data[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]}
+    atomic_write(dfs, _record_path(plan), json.dumps(record).encode())  # last: marks the shard complete
     return record
 
 
@@ -164,18 +179,23 @@ def _complete(dfs, plan: ShardPlan, verify: bool) -> dict | None:
 
 
 def convert_imagenet(src: str, dest: str, shard_size: int = 1000, processes: int = 1, seed: int = 0,
-                     val_labels: str | None = None, verify: bool = False, log=print) -> dict:
-    """Convert an ILSVRC tree; returns {"written": n, "skipped": n, "splits": {split: num_samples}}.
+                     val_labels: str | None = None, verify: bool = False, log=print, ray: bool = False,
+                     max_in_flight: int | None = None, mlflow_uri: str | None = None,
+                     progress_every: float = 10.0) -> dict:
+    """Convert an ILSVRC tree; returns {"written": n, "skipped": n, "splits": {split:
+    num_samples}, "written_shards": ["train/shard-000003.tar", ...], "nodes": {...}}.
 
-    `processes > 1` writes shards in that many spawned processes (a `memory://`
-    destination is per process, so use `processes=1` for it)."""
+    `processes > 1` writes shards in that many spawned processes, `ray=True` as Ray
+    tasks over the cluster (a `memory://` destination is per process: use neither)."""
+    from distreg.data.convert_run import Progress, atomic_write, run_tasks
+
     if shard_size <= 0:
         raise ValueError("shard_size must be positive")
     classes, splits = scan(src, val_labels)
     dfs, droot = fsspec.core.url_to_fs(dest)
     droot = droot.rstrip("/")
     dfs.makedirs(droot, exist_ok=True)
-    dfs.pipe_file(posixpath.join(droot, "classes.json"), json.dumps(classes, indent=1).encode())
+    atomic_write(dfs, posixpath.join(droot, "classes.json"), json.dumps(classes, indent=1).encode())
     summary = {"written": 0, "skipped": 0, "splits": {}}
     plans: dict[str, list[ShardPlan]] = {}
     records: dict[str, list[dict | None]] = {}
@@ -190,25 +210,48 @@ def convert_imagenet(src: str, dest: str, shard_size: int = 1000, processes: int
         summary["skipped"] += done
         summary["splits"][split] = len(samples)
         log(f"{split}: {len(samples)} images, {len(plans[split])} shards ({done} already complete)")
+        missing = [p.name for p, r in zip(plans[split], records[split]) if r is None]
+        if missing:  # readers (and `distreg train`) refuse the split until it is finished
+            _write_incomplete_manifest(dfs, posixpath.join(droot, split), split, missing, len(plans[split]))
     todo = [(split, i) for split in plans for i, r in enumerate(records[split]) if r is None]
-    if processes > 1 and len(todo) > 1:
-        ctx = multiprocessing.get_context("spawn")  # no fork of a process holding threads / fsspec loops
-        with ProcessPoolExecutor(min(processes, len(todo)), mp_context=ctx) as pool:
-            written = pool.map(write_shard, [src] * len(todo), [plans[s][i] for s, i in todo])
-            for (split, i), record in zip(todo, written):
-                records[split][i] = record
-    else:
-        for split, i in todo:
-            records[split][i] = write_shard(src, plans[split][i])
+    all_plans = [p for split in plans for p in plans[split]]
+    progress = Progress(f"imagenet-to-shards {dest}", "images", sum(len(p.samples) for p in all_plans),
+                        sum(s.size for p in all_plans for s in p.samples), every=progress_every, mlflow_uri=mlflow_uri)
+    done_plans = [plans[split][i] for split in plans for i, r in enumerate(records[split]) if r is not None]
+    progress.skip(sum(len(p.samples) for p in done_plans), sum(s.size for p in done_plans for s in p.samples), 0)
+    nodes: dict[str, int] = {}
+    status = "FAILED"
+    try:
+        jobs = [(src, plans[s][i]) for s, i in todo]
+        for k, record, where in run_tasks(write_shard, jobs, "ray" if ray else "local", processes, max_in_flight):
+            split, i = todo[k]
+            records[split][i] = record
+            nodes[where] = nodes.get(where, 0) + 1
+            plan = plans[split][i]
+            progress.add(len(plan.samples), sum(s.size for s in plan.samples), len(plan.samples))
+        status = "FINISHED"
+    finally:
+        progress.close(status)
     summary["written"] = len(todo)
+    summary["written_shards"] = [f"{split}/{plans[split][i].name}" for split, i in todo]
+    summary["nodes"] = nodes
     for split in plans:
         _write_manifest(dfs, posixpath.join(droot, split), split, records[split], len(classes))
         _remove_stale(dfs, posixpath.join(droot, split), {p.name for p in plans[split]})
     return summary
 
 
+def _write_incomplete_manifest(dfs, split_root: str, split: str, missing: list[str], num_shards: int) -> None:
+    from distreg.data.convert_run import atomic_write
+
+    manifest = {"format": FORMAT, "split": split, "complete": False, "num_shards": num_shards, "missing": missing}
+    atomic_write(dfs, posixpath.join(split_root, MANIFEST), json.dumps(manifest, indent=1).encode())
+
+
 def _remove_stale(dfs, split_root: str, keep: set[str]) -> None:
     """Shards (and records) of an earlier plan with more shards than this one."""
+    for path in dfs.glob(posixpath.join(split_root, "*.tmp-*")) + dfs.glob(posixpath.join(split_root, "_parts", "*.tmp-*")):
+        dfs.rm(path)  # temporaries of local writes a crash interrupted
     for path in dfs.glob(posixpath.join(split_root, "shard-*.tar")):
         name = posixpath.basename(path)
         if name not in keep:
@@ -222,10 +265,18 @@ def _write_manifest(dfs, split_root: str, split: str, records: list[dict], num_c
     offsets = np.concatenate([np.asarray(r["offsets"], dtype=np.int64) for r in records]) if records else np.zeros(0, np.int64)
     obuf = io.BytesIO()
     np.save(obuf, offsets)
-    dfs.pipe_file(posixpath.join(split_root, OFFSETS), obuf.getvalue())
-    manifest = {"format": FORMAT, "split": split, "num_samples": sum(r["num_samples"] for r in records),
+    from distreg.data.convert_run import atomic_write
+
+    atomic_write(dfs, posixpath.join(split_root, OFFSETS), obuf.getvalue())
+    checksums = {}
+    if records and all("crc32" in r for r in records):  # per-sample crc32: ranged reads verify what they fetch
+        cbuf = io.BytesIO()
+        np.save(cbuf, np.concatenate([np.asarray(r["crc32"], dtype=np.uint32) for r in records]))
+        atomic_write(dfs, posixpath.join(split_root, CRC32), cbuf.getvalue())
+        checksums = {"sample_crc32": {"file": CRC32, "sha256": sha256(cbuf.getvalue())}}
+    manifest = {"format": FORMAT, "split": split, "complete": True, "num_samples": sum(r["num_samples"] for r in records),
                 "num_classes": num_classes, "classes": "../classes.json", "members": ["cls", "jpg"],
-                "offsets": {"file": OFFSETS, "sha256": sha256(obuf.getvalue())},
+                "offsets": {"file": OFFSETS, "sha256": sha256(obuf.getvalue())}, **checksums,
                 "shards": [{k: r[k] for k in ("file", "num_samples", "bytes", "sha256", "first_key", "last_key")}
                            for r in records]}
-    dfs.pipe_file(posixpath.join(split_root, MANIFEST), json.dumps(manifest, indent=1).encode())  # last
+    atomic_write(dfs, posixpath.join(split_root, MANIFEST), json.dumps(manifest, indent=1).encode())  # last

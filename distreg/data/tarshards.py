@@ -8,6 +8,10 @@ On-disk format of one split directory (local path or fsspec URL):
   offsets.npy        int64; for each shard in order, the byte offset of each sample's
                      first tar header followed by the offset where its last sample ends
                      (N + number of shards values)
+  crc32.npy          uint32 crc32 of each sample's bytes (manifest "sample_crc32"):
+                     every ranged read is verified, so a size-preserving corruption
+                     is named by shard and offset (whole-shard sha256 cannot be checked
+                     by a reader that fetches single samples)
   shard-000000.tar   plain webdataset shards (`<key>.cls`, `<key>.jpg`), readable by
                      any webdataset loader
 
@@ -28,6 +32,7 @@ import json
 import os
 import posixpath
 import tarfile
+import zlib
 
 import fsspec
 import numpy as np
@@ -37,6 +42,7 @@ from distreg.data.errors import DataError
 FORMAT = "distreg-wds/1"
 MANIFEST = "manifest.json"
 OFFSETS = "offsets.npy"
+CRC32 = "crc32.npy"  # optional: uint32 crc32 of each sample's byte range, in sample order
 BLOCK = tarfile.BLOCKSIZE
 
 
@@ -97,7 +103,7 @@ def parse_sample(chunk: bytes, shard: str, offset: int) -> dict[str, bytes]:
 class ShardIndex:
     """The manifest and sample offsets of one split; `read(i)` fetches sample i."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, verify: bool = True):
         self.url = url.rstrip("/")
         fs, self.root = fsspec.core.url_to_fs(self.url)
         path = posixpath.join(self.root, MANIFEST)
@@ -108,6 +114,17 @@ class ShardIndex:
                             f"`distreg data imagenet-to-shards SRC DEST` and point data.path at DEST/train") from None
         if manifest.get("format") != FORMAT:
             raise DataError(f"{path}: not a {FORMAT} manifest (format={manifest.get('format')!r})")
+        if manifest.get("complete") is False:
+            missing = list(manifest.get("missing", []))
+            try:  # shards finished since the manifest was written (their records exist)
+                done = {posixpath.basename(p)[: -len(".json")] for p in fs.glob(posixpath.join(self.root, "_parts", "*.json"))}
+            except (FileNotFoundError, OSError):
+                done = set()
+            still = [m for m in missing if m not in done] or missing
+            shown = ", ".join(still[:10]) + (f" and {len(still) - 10} more" if len(still) > 10 else "")
+            raise DataError(f"data.path: {url!r} is an incomplete split ({path} has complete=false): "
+                            f"{len(still)} of {manifest.get('num_shards', '?')} shards missing: {shown}; re-run "
+                            f"`distreg data imagenet-to-shards` with the same arguments to finish it")
         self.manifest = manifest
         self.num_classes = int(manifest.get("num_classes", 0))
         self.shards = [posixpath.join(self.root, s["file"]) for s in manifest["shards"]]
@@ -125,10 +142,33 @@ class ShardIndex:
         if len(self.offsets) != self.num_samples + len(self.shards):
             raise DataError(f"{opath}: {len(self.offsets)} offsets for {self.num_samples} samples in "
                             f"{len(self.shards)} shards")
+        self.crc32 = None
+        if verify and "sample_crc32" in manifest:
+            cpath = posixpath.join(self.root, manifest["sample_crc32"]["file"])
+            raw = fs.cat_file(cpath)
+            if sha256(raw) != manifest["sample_crc32"]["sha256"]:
+                raise DataError(f"{cpath}: checksum does not match {path}")
+            self.crc32 = np.load(io.BytesIO(raw))
+            if len(self.crc32) != self.num_samples:
+                raise DataError(f"{cpath}: {len(self.crc32)} checksums for {self.num_samples} samples")
         self._fs, self._pid = fs, os.getpid()
 
     def __len__(self) -> int:
         return self.num_samples
+
+    def check_files(self) -> None:
+        """Every shard present with its manifest size (one listing; the driver's check
+        before workers start)."""
+        fs = self.fs()
+        try:
+            sizes = {posixpath.basename(e["name"]): e["size"] for e in fs.ls(self.root, detail=True)}
+        except (FileNotFoundError, OSError):
+            sizes = {}
+        bad = [f"{posixpath.basename(s)} ({'missing' if sizes.get(posixpath.basename(s)) is None else f'{sizes[posixpath.basename(s)]} bytes, manifest says {int(n)}'})"
+               for s, n in zip(self.shards, self.shard_bytes) if sizes.get(posixpath.basename(s)) != n]
+        if bad:
+            raise DataError(f"data.path: {self.url!r}: {len(bad)} shard(s) missing or of the wrong size: "
+                            f"{', '.join(bad[:10])}")
 
     def fs(self):
         # One filesystem object per process: fsspec's async filesystems (http, s3) own
@@ -158,4 +198,7 @@ class ShardIndex:
         if len(chunk) != end - start:
             raise DataError(f"shard {shard}: sample {index} at byte offset {start}: read {len(chunk)} of "
                             f"{end - start} bytes (shard truncated?)")
+        if self.crc32 is not None and zlib.crc32(chunk) != int(self.crc32[index]):
+            raise DataError(f"shard {shard}: sample {index} at byte offset {start}: crc32 does not match "
+                            f"{CRC32} (corrupt shard: same size, different bytes)")
         return parse_sample(chunk, shard, start)

@@ -34,16 +34,21 @@ def write_shard(fs, path: str, tokens: np.ndarray, vocab_size: int, dtype: str) 
     """Write one shard file; returns its index entry {"file", "num_tokens", "sha256"}."""
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise ValueError(f"{path}: token ids outside [0, {vocab_size})")
+    from distreg.data.convert_run import atomic_write
+
     data = np.asarray(tokens, dtype=_DTYPES[dtype]).tobytes()
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    atomic_write(fs, path, data)
     return {"file": posixpath.basename(path), "num_tokens": int(tokens.size), "sha256": hashlib.sha256(data).hexdigest()}
 
 
-def write_index(url: str, shards: list[dict], vocab_size: int, **extra) -> None:
-    """`index.json` for shards already written (`extra`: more top-level fields, e.g.
-    the tokenizer and document counts; readers ignore what they do not know)."""
+def write_index(url: str, shards: list[dict], vocab_size: int, missing: list[str] | None = None, **extra) -> None:
+    """`index.json` (the dataset's manifest) for shards already written (`extra`: more
+    top-level fields, e.g. the tokenizer and document counts; readers ignore what they
+    do not know). `missing` (shards not yet written) marks the dataset incomplete:
+    readers refuse it, naming them. Written atomically."""
+    from distreg.data.convert_run import atomic_write
+
     fs, root = fsspec.core.url_to_fs(url)
-    index = {"format": FORMAT, "dtype": dtype_for_vocab(vocab_size), "vocab_size": vocab_size, "shards": shards, **extra}
-    with fs.open(posixpath.join(root, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+    index = {"format": FORMAT, "dtype": dtype_for_vocab(vocab_size), "vocab_size": vocab_size,
+             "complete": not missing, **({"missing": missing} if missing else {}), "shards": shards, **extra}
+    atomic_write(fs, posixpath.join(root, "index.json"), json.dumps(index, indent=1).encode())

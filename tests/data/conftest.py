@@ -36,3 +36,24 @@ def shard_copy(imagenet_shards, tmp_path) -> str:
     dest = str(tmp_path / "imagenet")
     shutil.copytree(imagenet_shards, dest)
     return dest
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """moto's S3 server on 127.0.0.1 (a process, killed by PID at the end)."""
+    from tests.data.objectstore import S3Server
+
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray2(s3):
+    """A two-node Ray cluster (1 CPU each) whose workers reach `s3`: its address. Drivers
+    run as subprocesses with RAY_ADDRESS (this process never joins it)."""
+    from tests.data.objectstore import two_node_cluster
+
+    cluster = two_node_cluster(s3.env)
+    yield cluster.address
+    cluster.shutdown()

@@ -30,7 +30,10 @@ def _overwrite(path: str, offset: int, data: bytes) -> None:
 
 
 def _whole_epoch(split: str, skip: bool, workers: int = 0) -> tuple[ImageBatches, list[int]]:
-    src = ImageBatches(ImageSamples(split, 16, skip_corrupt=skip), 8, 1, 0, 1, seed=0, num_workers=workers)
+    # verify=False: these tests reach the parser and decoder (with it, the per-sample
+    # crc32 names the damaged sample first: test_size_preserving_image_corruption)
+    src = ImageBatches(ImageSamples(split, 16, skip_corrupt=skip, verify=False), 8, 1, 0, 1, seed=0,
+                       num_workers=workers)
     seen = [i for _ in range(6) for i in src.next_step()[0]["index"].tolist()]
     return src, seen
 
@@ -87,3 +90,18 @@ def test_truncated_token_shard(tmp_path):
     batches = TokenBatches(ds, 2, 1, 0, 1, seed=0)
     assert batches.metrics()["data/skipped_shards"] == 1
     assert "shard_00001.bin" in ds.skipped[0]
+
+
+def test_size_preserving_image_corruption_names_shard_and_offset(shard_copy):
+    split = os.path.join(shard_copy, "train")
+    shard, start, end = _sample_bytes(split, 21)
+    _overwrite(shard, end - BLOCK - 64, b"\x00\x01")  # inside the JPEG's bytes: still decodable or not, same size
+    with pytest.raises(DataError, match=rf"shard .*shard-000002\.tar: sample 21 at byte offset {start}: "
+                                        r"crc32 does not match crc32.npy"):
+        _whole_epoch_verified(split)
+
+
+def _whole_epoch_verified(split: str) -> None:
+    src = ImageBatches(ImageSamples(split, 16), 8, 1, 0, 1, seed=0)
+    for _ in range(6):
+        src.next_step()
