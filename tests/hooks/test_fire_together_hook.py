@@ -132,3 +132,106 @@ def test_bad_layers_are_refused_by_name():
 
     with pytest.raises(ConfigError, match="mass_threshold"):
         build_hooks([HookSpec(name="fire_together", layers=LAYERS, pool="avg", softmax=True, apply_in_training=False)])
+
+
+# --------------------------------------------------------------------------- trainer runs
+
+STEPS = 4  # the single-process run (predictors learn)
+# Steps compared across strategies. The resnet18 backbone on 32 px images, BatchNorm over
+# 4-sample batches, is chaotic on its own: without this hook, DDP x2 and the single process
+# (same batches) already differ by 1e-3 in the loss of step 3 (round-off amplified; grad
+# norms ~200). Two steps: both forwards and both predictor updates are compared.
+INV_STEPS = 2
+RUN_LAYERS = {"layer1.0.conv1": "relu", "layer1.0.conv2": "identity", "layer2.0.conv1": "relu",
+              "layer2.1.conv2": "identity"}
+RUN_HOOK = {"name": "fire_together", "layers": RUN_LAYERS, "mass_threshold": 0.9, "pool": "avg",
+            "softmax": False, "apply_in_training": False}
+STRATEGIES = {
+    "ddp": {"strategy.name": "ddp"},
+    "fsdp2": {"strategy.name": "fsdp2"},
+    "zero3": {"strategy.name": "deepspeed", "strategy.zero_stage": 3},
+}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    """A tiny synthetic ImageNet (4 classes x 8 train images), converted to shards."""
+    from distreg.data.imagenet_convert import convert_imagenet
+    from distreg.data.synth_imagenet import synth_imagenet
+
+    root = tmp_path_factory.mktemp("ftwt_data")
+    synth_imagenet(str(root / "src"), num_classes=4, train_per_class=8, val_per_class=2, min_size=24, max_size=40)
+    convert_imagenet(str(root / "src"), str(root / "shards"), shard_size=16, processes=1, log=lambda *_: None)
+    return str(root / "shards" / "train")
+
+
+def run_config(data: str, run_dir: str, world: int, **extra):
+    import json
+
+    from distreg.config import load_config
+
+    # single process: two micro-batches of 4 = the two ranks' halves, so BatchNorm sees
+    # the same batches (its batch statistics are per rank under every strategy)
+    sets = {"data.path": data, "run_dir": run_dir, "model.kind": "torchvision", "model.arch": "resnet18",
+            "model.num_classes": 4, "data.image_size": 32, "train.global_batch_size": 8,
+            "train.grad_accum_steps": 2 // world, "train.max_steps": STEPS, "optim.warmup_steps": 0,
+            "optim.schedule": "constant", "optim.lr": 0.02, "optim.momentum": 0.0, "train.log_every": 1000, "checkpoint.every": 0,
+            "scaling.num_workers": world, "hooks": json.dumps([RUN_HOOK]), **extra}
+    return load_config("configs/imagenet_tiny.yaml", [f"{k}={v}" for k, v in sets.items()])
+
+
+def train(cfg, steps: int) -> dict:
+    from distreg.runtime.trainer import Trainer
+    from distreg.testing import gather_full_params
+
+    trainer = Trainer(cfg, Comm(), track=False)
+    h = trainer.hooks[0]
+    out = {"losses": [], "metrics": []}
+    for t in range(steps):
+        out["losses"].append(trainer.train_step()[0])
+        out["metrics"].append(h.metrics())
+        if t + 1 == INV_STEPS:
+            full = gather_full_params(trainer.ctx.local_shards(), trainer.comm)
+            out["predictors"] = {k: v for k, v in full.items() if "fire_together." in k}
+    return out
+
+
+def two_rank_worker(data: str, root: str) -> dict:
+    return {name: train(run_config(data, f"{root}/{name}", 2, **extra), INV_STEPS)
+            for name, extra in STRATEGIES.items()}
+
+
+@pytest.fixture(scope="module")
+def runs(shards, tmp_path_factory):
+    from distreg.testing import run_distributed
+
+    root = str(tmp_path_factory.mktemp("ftwt_runs"))
+    return train(run_config(shards, f"{root}/single", 1), STEPS), run_distributed(two_rank_worker, 2, shards, root)
+
+
+def test_single_process_predictors_learn(runs):
+    single, _ = runs
+    m = [x for x in single["metrics"]]
+    assert set(m[0]) == {f"fire_together/{k}" for k in ("mask_accuracy", "mask_loss", "keep_fraction",
+                                                          "target_keep_fraction", "flops_reduction")}
+    assert len(single["predictors"]) == 2 * len(RUN_LAYERS)
+    assert m[-1]["fire_together/mask_loss"] < m[0]["fire_together/mask_loss"]
+    assert m[-1]["fire_together/mask_accuracy"] > m[0]["fire_together/mask_accuracy"]
+    for x in m:
+        assert 0 < x["fire_together/target_keep_fraction"] < 1
+        assert x["fire_together/flops_reduction"] == pytest.approx(1 - x["fire_together/keep_fraction"], abs=0.5)
+    assert all(math.isfinite(v) for v in single["losses"])
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_rank_invariance_against_single_process(runs, name):
+    single, ranks = runs
+    for got in (r[name] for r in ranks):
+        assert got["losses"] == pytest.approx(single["losses"][:INV_STEPS], abs=1e-5)
+        for k, w in single["predictors"].items():
+            torch.testing.assert_close(got["predictors"][k], w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {k}: {m}")
+        assert len(got["metrics"]) == INV_STEPS
+        for a, b in zip(got["metrics"], single["metrics"]):
+            assert a.keys() == b.keys()
+            for key, v in b.items():
+                assert a[key] == pytest.approx(v, rel=1e-5, abs=1e-6), f"{name}: {key}"

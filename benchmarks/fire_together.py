@@ -1,0 +1,133 @@
+"""`fire_together` (FTWT mask predictors): validation accuracy vs estimated FLOPs saved.
+
+    python benchmarks/fire_together.py [--steps 40] [--seeds 0,1] [--thresholds 1.0,0.95,0.9,0.8]
+                                       [--classes 4] [--train-per-class 32] [--image-size 32]
+
+Data: a synthetic ImageNet made here (`distreg data synth-imagenet` + the shard
+conversion), 32 px. Model: torchvision resnet18, every BasicBlock conv gated (16 convs:
+conv1 scored after its ReLU, conv2 before the residual add, as the reference does).
+For each seed and each mass threshold r: train `--steps` single-process steps (SGD, the
+predictors trained decoupled, masks off in training), then evaluate the *same* model on
+the validation split with the predicted masks off and on, interleaved (off, on, off, on
+... over thresholds and seeds); medians over seeds. Printed per r: accuracy masks off,
+masks on, their ratio, the predicted keep fraction (mean k / filters), the MACs saved in
+the gated convs (output filters only) and in the whole network (gated savings / all
+conv + linear MACs), and the predictor's training mask accuracy at the last step.
+A tiny synthetic task trained for a few dozen steps: accuracies are near chance and the
+numbers show the mechanics (how much r prunes, what the masks cost in accuracy), not the
+paper's results.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from distreg.config import load_config  # noqa: E402
+from distreg.data.images import ImageSamples  # noqa: E402
+from distreg.runtime.comm import Comm  # noqa: E402
+from distreg.runtime.trainer import Trainer  # noqa: E402
+from distreg.sparsity.fire_together import conv_macs  # noqa: E402
+
+LAYERS = {f"layer{i}.{b}.conv{c}": ("relu" if c == 1 else "identity")
+          for i in range(1, 5) for b in range(2) for c in (1, 2)}
+
+
+def make_data(root: str, classes: int, per_class: int) -> tuple[str, str]:
+    from distreg.data.imagenet_convert import convert_imagenet
+    from distreg.data.synth_imagenet import synth_imagenet
+
+    synth_imagenet(f"{root}/src", num_classes=classes, train_per_class=per_class, val_per_class=8,
+                   min_size=32, max_size=48)
+    convert_imagenet(f"{root}/src", f"{root}/shards", shard_size=64, processes=1, log=lambda *_: None)
+    return f"{root}/shards/train", f"{root}/shards/val"
+
+
+def dense_macs(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
+    """Per-sample multiply-accumulates of every Conv2d / Linear in one dense forward."""
+    out, handles = {}, []
+    for name, mod in model.named_modules():
+        if name.startswith("fire_together"):
+            continue
+        if isinstance(mod, nn.Conv2d):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, n=name: out.__setitem__(n, conv_macs(m.in_channels, m.out_channels, o.shape[2:],
+                                                                     m.kernel_size[0] * m.kernel_size[1], m.groups))))
+        elif isinstance(mod, nn.Linear):
+            handles.append(mod.register_forward_hook(
+                lambda m, a, o, n=name: out.__setitem__(n, float(m.in_features * m.out_features))))
+    with torch.no_grad():
+        model(x[:1])
+    for h in handles:
+        h.remove()
+    return out
+
+
+def evaluate(model: nn.Module, hook, val: dict, masks: bool) -> dict[str, float]:
+    hook.params.apply_at_eval = masks
+    model.eval()
+    with torch.no_grad():
+        pred = model(val["input"]).argmax(dim=1)
+    model.train()
+    return {"acc": (pred == val["target"]).double().mean().item(), **hook.pop_eval()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--thresholds", default="1.0,0.95,0.9,0.8")
+    ap.add_argument("--classes", type=int, default=4)
+    ap.add_argument("--train-per-class", type=int, default=32)
+    ap.add_argument("--image-size", type=int, default=32)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    thresholds = [float(r) for r in args.thresholds.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        train_path, val_path = make_data(tmp, args.classes, args.train_per_class)
+        samples = ImageSamples(val_path, image_size=args.image_size, train=False)
+        val = samples.__getitems__([(0, i) for i in range(len(samples))])
+        rows: dict[float, list[dict]] = {r: [] for r in thresholds}
+        for seed in seeds:
+            for r in thresholds:
+                hook = {"name": "fire_together", "layers": LAYERS, "mass_threshold": r, "pool": "avg",
+                        "softmax": True, "apply_in_training": False}
+                cfg = load_config("configs/imagenet_tiny.yaml", [f"{k}={v}" for k, v in {
+                    "data.path": train_path, "run_dir": f"{tmp}/run_{seed}_{r}", "model.num_classes": args.classes,
+                    "data.image_size": args.image_size, "train.global_batch_size": 16,
+                    "train.max_steps": args.steps, "train.seed": seed, "scaling.num_workers": 1,
+                    "checkpoint.every": 0, "train.log_every": 1000, "hooks": json.dumps([hook])}.items()])
+                trainer = Trainer(cfg, Comm(), track=False)
+                h = trainer.hooks[0]
+                for _ in range(args.steps):
+                    trainer.train_step()
+                model = trainer.strategy.module
+                macs = dense_macs(model, val["input"])
+                gated = sum(v for k, v in macs.items() if k in LAYERS) / sum(macs.values())
+                off, on = evaluate(model, h, val, False), evaluate(model, h, val, True)
+                rows[r].append({"acc_off": off["acc"], "acc_on": on["acc"], "keep": on["keep_fraction"],
+                                "saved_gated": on["flops_reduction"], "saved_net": on["flops_reduction"] * gated,
+                                "mask_acc": h.values["mask_accuracy"]})
+                print(f"seed {seed} r {r}: {rows[r][-1]}", flush=True)
+    med = lambda r, k: statistics.median(x[k] for x in rows[r])  # noqa: E731
+    print(f"\nresnet18, {args.image_size} px synthetic ImageNet ({args.classes} classes), {args.steps} steps, "
+          f"medians over seeds {seeds}; chance = {1 / args.classes:.3f}")
+    print(f"{'r':>5} {'acc off':>8} {'acc on':>8} {'on/off':>7} {'keep':>6} {'saved gated':>12} {'saved net':>10} "
+          f"{'mask acc':>9}")
+    for r in thresholds:
+        ratio = med(r, "acc_on") / med(r, "acc_off") if med(r, "acc_off") else float("nan")
+        print(f"{r:5.2f} {med(r, 'acc_off'):8.3f} {med(r, 'acc_on'):8.3f} {ratio:7.3f} {med(r, 'keep'):6.3f} "
+              f"{med(r, 'saved_gated'):12.3f} {med(r, 'saved_net'):10.3f} {med(r, 'mask_acc'):9.3f}")
+
+
+if __name__ == "__main__":
+    main()
