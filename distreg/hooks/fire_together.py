@@ -14,7 +14,9 @@ predictor reads the conv's input *detached* and the targets come from that sampl
 BatchNorm output (after a ReLU where `layers` says `relu`, as the reference scores conv1 of
 a BasicBlock, and before the residual add for conv2), so the task loss never reaches the
 predictors and the predictor loss never reaches the backbone (the reference's
-`decoupled` mode; `joint` is not offered). The loss (BCE summed over filters, mean over
+`decoupled` mode; `joint` is not offered; note that `train.grad_clip` clips all
+parameters together, so with clipping on the predictor gradients rescale the backbone's
+step: set it to null for a strictly decoupled backbone). The loss (BCE summed over filters, mean over
 gated layers, weighted per sample by the task loss's reduction weights) is a penalty times
 `weight`; the rank-averaged gradients then equal the single-process ones: targets and
 logits are per sample, the predictors are ordinary replicated/sharded parameters.

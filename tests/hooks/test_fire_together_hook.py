@@ -6,7 +6,7 @@ the penalty is the reference loss and reaches only the predictors (and the task 
 the backbone); at eval a hand-set predictor zeroes exactly the filters it predicts off,
 with the keep fraction and MACs saved computed by hand; bad layer names are refused.
 Trainer runs on synthetic ImageNet (a module fixture, 32 px, 4 classes): a few steps where
-the predictors learn (mask loss down, accuracy up), and ddp / fsdp2 / ZeRO-3 on 2 gloo
+the predictors learn (mask loss down, accuracy up) and come back from a checkpoint, and ddp / fsdp2 / ZeRO-3 on 2 gloo
 ranks against the single process (losses, predictor weights, metrics).
 """
 from __future__ import annotations
@@ -193,6 +193,15 @@ def train(cfg, steps: int) -> dict:
         if t + 1 == INV_STEPS:
             full = gather_full_params(trainer.ctx.local_shards(), trainer.comm)
             out["predictors"] = {k: v for k, v in full.items() if "fire_together." in k}
+    if steps == STEPS:  # resume: the predictors come back with the model, the metrics with the hook
+        trainer.save()
+        resumed = Trainer(cfg, Comm(), track=False)
+        resumed._resume()
+        now = lambda t: {k: v for k, v in gather_full_params(t.ctx.local_shards(), t.comm).items()  # noqa: E731
+                         if "fire_together." in k}
+        out["resumed_equal"] = (all(torch.equal(v, now(resumed)[k]) for k, v in now(trainer).items())
+                                and resumed.hooks[0].metrics() == h.metrics() and len(now(trainer)) > 0)
+        out["resumed_loss"], out["next_loss"] = resumed.train_step()[0], trainer.train_step()[0]
     return out
 
 
@@ -221,6 +230,7 @@ def test_single_process_predictors_learn(runs):
         assert 0 < x["fire_together/target_keep_fraction"] < 1
         assert x["fire_together/flops_reduction"] == pytest.approx(1 - x["fire_together/keep_fraction"], abs=0.5)
     assert all(math.isfinite(v) for v in single["losses"])
+    assert single["resumed_equal"] and single["resumed_loss"] == single["next_loss"]
 
 
 @pytest.mark.parametrize("name", list(STRATEGIES))
