@@ -16,7 +16,6 @@ import math
 import pytest
 import torch
 import torchvision
-from torch import nn
 
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.fire_together import FireTogether, norm_name
@@ -126,9 +125,8 @@ def test_bad_layers_are_refused_by_name():
                         ({"fc": "relu"}, "is a Linear")):
         with pytest.raises(ValueError, match=msg):
             FireTogether(FireTogether.Params(**{"layers": layers, **REQUIRED})).prepare_model(model, ctx)
-    from distreg.config import ConfigError
+    from distreg.config import ConfigError, HookSpec
     from distreg.hooks.registry import build_hooks
-    from distreg.config import HookSpec
 
     with pytest.raises(ConfigError, match="mass_threshold"):
         build_hooks([HookSpec(name="fire_together", layers=LAYERS, pool="avg", softmax=True, apply_in_training=False)])
