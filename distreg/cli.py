@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=None, help="default: scaling.num_workers")
     p.set_defaults(fn=_plan)
 
+    from distreg import eval_cli
+
+    p = sub.add_parser("eval", help="held-out metrics of a checkpoint (any strategy, any world size)")
+    eval_cli.add_arguments(p)
+    p.set_defaults(fn=eval_cli.run)
+
     from distreg import submit
 
     p = sub.add_parser("submit", help="submit a config to a Ray cluster as a Ray job")
