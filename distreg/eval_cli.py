@@ -61,13 +61,18 @@ def run(args) -> int:
     out = Path(args.out or Path(cfg.run_dir) / "eval" / name / "eval.json").resolve()
     report = evaluate(cfg, checkpoint, args.world_size)
     report["config"] = args.config
+    _write_json(out, report)
+    report["mlflow_run_id"] = log_to_mlflow(cfg, report, str(out), args.run_id)
+    _write_json(out, report)  # now with the run id
+    print(format_report(report, str(out)))
+    return 0
+
+
+def _write_json(out: Path, report: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     tmp.replace(out)
-    report["mlflow_run_id"] = log_to_mlflow(cfg, report, str(out), args.run_id)
-    print(format_report(report, str(out)))
-    return 0
 
 
 def evaluate(cfg: RunConfig, checkpoint: str, world_size: int) -> dict:

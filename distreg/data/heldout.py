@@ -62,7 +62,7 @@ class HeldOut:
         lo, hi = self.rank_range()
         for b in range(self.num_batches):
             start = lo + b * self.batch_size
-            numbers = torch.arange(start, min(start + self.batch_size, hi), dtype=torch.long)
+            numbers = torch.arange(start, max(start, min(start + self.batch_size, hi)), dtype=torch.long)
             pad = self.batch_size - len(numbers)
             # Padding rows repeat a real sample's input (any valid input keeps the model's
             # arithmetic ordinary) with every target ignored.
