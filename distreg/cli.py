@@ -28,6 +28,10 @@ def _train(args) -> int:
     # worker's traceback.
     try:
         check_data(cfg)
+        if cfg.eval.enabled:  # the held-out data too (eval:)
+            from distreg.data.heldout import build_heldout
+
+            build_heldout(cfg, 0, 1)
     except DataError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     from distreg.launch import launch, print_summary
