@@ -58,6 +58,8 @@ def run(args) -> int:
     fs, local = fsspec.core.url_to_fs(checkpoint)
     resolved = checkpoint if fs.isfile(local) else resolve_checkpoint(checkpoint)
     name = posixpath.basename(resolved.rstrip("/")).removesuffix(".pt")
+    if args.run_id:
+        check_run(cfg, args.run_id)  # before compute is spent
     out = Path(args.out or Path(cfg.run_dir) / "eval" / name / "eval.json").resolve()
     report = evaluate(cfg, checkpoint, args.world_size)
     report["config"] = args.config
@@ -97,15 +99,28 @@ def evaluate(cfg: RunConfig, checkpoint: str, world_size: int) -> dict:
     return report
 
 
-def log_to_mlflow(cfg: RunConfig, report: dict, eval_json: str, run_id: str | None) -> str | None:
-    """Metrics (finite ones) and eval.json to `run_id`, or to a new run tagged with the
-    checkpoint. Returns the run id."""
-    from mlflow.entities import Metric
+def _client(cfg: RunConfig):
     from mlflow.tracking import MlflowClient
 
     from distreg.tracking.mlflow_tracker import default_tracking_uri
 
-    client = MlflowClient(cfg.tracking.uri or default_tracking_uri(cfg.run_dir))
+    return MlflowClient(cfg.tracking.uri or default_tracking_uri(cfg.run_dir))
+
+
+def check_run(cfg: RunConfig, run_id: str) -> None:
+    client = _client(cfg)
+    try:
+        client.get_run(run_id)
+    except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
+        raise ConfigError(f"--run-id {run_id}: no such MLflow run at {client.tracking_uri}") from None
+
+
+def log_to_mlflow(cfg: RunConfig, report: dict, eval_json: str, run_id: str | None) -> str | None:
+    """Metrics (finite ones) and eval.json to `run_id`, or to a new run tagged with the
+    checkpoint. Returns the run id."""
+    from mlflow.entities import Metric
+
+    client = _client(cfg)
     now = int(time.time() * 1000)
     step = report["step"] or 0
     metrics = [Metric(k, float(v), now, step) for k, v in report["metrics"].items() if math.isfinite(v)]
@@ -118,10 +133,6 @@ def log_to_mlflow(cfg: RunConfig, report: dict, eval_json: str, run_id: str | No
                 "mlflow.runName": f"eval {posixpath.basename(report['checkpoint'].rstrip('/'))}"}
         run_id = client.create_run(exp_id, tags=tags).info.run_id
     else:
-        try:
-            client.get_run(run_id)
-        except Exception:  # noqa: BLE001 - MLflow raises its own exception types per store
-            raise ConfigError(f"--run-id {run_id}: no such MLflow run at {client.tracking_uri}") from None
         client.set_tag(run_id, f"distreg.eval_checkpoint.step_{step}", report["checkpoint"])
     client.log_batch(run_id, metrics=metrics)
     client.log_artifact(run_id, eval_json, f"eval/{Path(eval_json).parent.name}")

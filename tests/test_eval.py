@@ -111,12 +111,35 @@ def _train(data: str, val: str, run_dir: str) -> dict:
     from distreg.runtime.comm import Comm
     from distreg.runtime.trainer import Trainer
 
-    cfg = _cfg(data, val, f"{run_dir}/fsdp2", 2, **{"train.max_steps": 2, "eval.every": 1})
-    result = Trainer(cfg, Comm(), track=False).fit()
+    cfg = _cfg(data, val, f"{run_dir}/fsdp2", 2, **{"train.max_steps": 3, "eval.every": 1, "checkpoint.every": 1,
+                                                   "checkpoint.keep_last": 1,
+                                                   "checkpoint.keep_best": "{metric: eval/loss, mode: min}"})
+    trainer = Trainer(cfg, Comm(), track=False)
+    history, run_logged = {}, trainer.evaluator.run_logged
+
+    def record(strategy, step, *args):
+        metrics = run_logged(strategy, step, *args)
+        history[step] = metrics["eval/loss"]
+        return metrics
+
+    trainer.evaluator.run_logged = record
+    result = trainer.fit()
     z = _cfg(data, val, f"{run_dir}/zero3", 2, **STRATEGIES["zero3"], **{"model.init_from": result.checkpoint,
                                                                         "hooks": "[]"})
     zero3 = Trainer(z, Comm(), track=False).save()
-    return {"fsdp2": result.checkpoint, "zero3": zero3, "train_eval": result.eval}
+    from distreg.runtime.checkpoint import complete_checkpoints, load_torch
+
+    kept = {step: load_torch(f"{path}/trainer.pt")["eval"]["eval/loss"] for step, path in complete_checkpoints(cfg.checkpoint_dir)}
+    return {"fsdp2": result.checkpoint, "zero3": zero3, "train_eval": result.eval, "kept": kept, "history": history}
+
+
+def test_keep_best_in_training(runs):
+    ckpts, _, _ = runs
+    kept, history = ckpts["kept"], ckpts["history"]  # step -> eval/loss (kept checkpoints; every eval)
+    assert sorted(history) == [1, 2, 3]
+    best = min(history, key=lambda s: (history[s], s))
+    assert set(kept) == {3, best}  # keep_last: 1, plus the best
+    assert all(kept[s] == history[s] for s in kept)  # the metric travelled with the checkpoint
 
 
 def _evaluate_all(data: str, val: str, run_dir: str, world: int, jobs: list) -> dict:
@@ -242,8 +265,29 @@ def test_cli_one_line_errors(runs, token_data, val_data, tmp_path, capsys):
              (["--checkpoint", str(tmp_path)], "no complete checkpoint"),
              (["--checkpoint", ckpts["fsdp2"], "--set", "model.dim=48"], "does not match the model"),
              (["--checkpoint", ckpts["zero3"], "--set", "model.n_layers=3"], "does not match the model"),
-             (["--checkpoint", ckpts["fsdp2"], "--set", "eval.path=" + str(tmp_path / "nodata")], "no token dataset")]
+             (["--checkpoint", ckpts["fsdp2"], "--set", "eval.path=" + str(tmp_path / "nodata")], "no token dataset"),
+             (["--checkpoint", ckpts["fsdp2"], "--run-id", "0123456789abcdef"], "no such MLflow run")]
     for args, expect in cases:
         assert main(["eval", config, *args]) == 2
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and expect in err, err
+
+
+def test_metrics_to_the_training_run(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from distreg.eval_cli import log_to_mlflow
+    from distreg.tracking.mlflow_tracker import default_tracking_uri
+
+    cfg = tiny_config(str(tmp_path), str(tmp_path / "run"), **{"eval.path": str(tmp_path)})
+    client = MlflowClient(default_tracking_uri(cfg.run_dir))
+    run_id = client.create_run(client.create_experiment("training")).info.run_id
+    out = tmp_path / "eval.json"
+    out.write_text("{}")
+    report = {"metrics": {"eval/loss": 2.5, "eval/ppl": math.exp(2.5), "eval/accuracy": float("nan")},
+              "step": 7, "checkpoint": "/ckpt/step_00000007", "strategy": "fsdp2", "world_size": 2}
+    assert log_to_mlflow(cfg, report, str(out), run_id) == run_id
+    history = client.get_metric_history(run_id, "eval/loss")
+    assert [(m.step, m.value) for m in history] == [(7, 2.5)]
+    assert "eval/accuracy" not in client.get_run(run_id).data.metrics  # NaN left out
+    assert client.get_run(run_id).data.tags["distreg.eval_checkpoint.step_7"] == "/ckpt/step_00000007"
