@@ -291,3 +291,32 @@ def test_metrics_to_the_training_run(tmp_path):
     assert [(m.step, m.value) for m in history] == [(7, 2.5)]
     assert "eval/accuracy" not in client.get_run(run_id).data.metrics  # NaN left out
     assert client.get_run(run_id).data.tags["distreg.eval_checkpoint.step_7"] == "/ckpt/step_00000007"
+
+
+def test_eval_config_errors(token_data, tmp_path):
+    from distreg.config import ConfigError
+
+    with pytest.raises(ConfigError, match="checkpoint.keep_best needs held-out data"):
+        tiny_config(token_data, str(tmp_path), **{"checkpoint.keep_best": "{metric: eval/loss}"})
+    with pytest.raises(ConfigError, match="eval.sources is only used by eval.kind=mixture"):
+        tiny_config(token_data, str(tmp_path), **{"eval.sources": f"[{{name: a, path: {token_data}}}]"})
+    with pytest.raises(ConfigError, match="eval.kind=mixture needs eval.sources"):
+        tiny_config(token_data, str(tmp_path), **{"eval.kind": "mixture", "eval.path": token_data})
+
+
+def test_mixture_metrics_per_source(token_data, val_data, tmp_path):
+    """Per-source sums add up to the totals; max_samples caps each source."""
+    from distreg.models import build_model
+    from distreg.runtime.comm import Comm
+    from distreg.runtime.evaluate import Evaluator
+
+    cfg = tiny_config(token_data, str(tmp_path), **{
+        "eval.kind": "mixture", "eval.max_samples": 37, "eval.batch_size": 8,
+        "eval.sources": f"[{{name: synth, path: {token_data}}}, {{name: random, path: {val_data}}}]"})
+    model = build_model(cfg.model, 0, "cpu")
+    m = Evaluator(cfg, Comm(), torch.device("cpu")).run(model, model)
+    assert m["eval/synth/samples"] == 37 and m["eval/random/samples"] == 37 and m["eval/samples"] == 74
+    assert m["eval/synth/tokens"] == 37 * SEQ
+    total = (m["eval/synth/loss"] * m["eval/synth/tokens"] + m["eval/random/loss"] * m["eval/random/tokens"]) / (74 * SEQ)
+    assert m["eval/loss"] == pytest.approx(total, rel=1e-9)
+    assert m["eval/synth/loss"] != m["eval/random/loss"]
