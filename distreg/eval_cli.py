@@ -100,7 +100,11 @@ def evaluate(cfg: RunConfig, checkpoint: str, world_size: int) -> dict:
 
 
 def _client(cfg: RunConfig):
+    import logging
+
     from mlflow.tracking import MlflowClient
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # no INFO lines (store creation) in our output
 
     from distreg.tracking.mlflow_tracker import default_tracking_uri
 

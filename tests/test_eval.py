@@ -265,8 +265,7 @@ def test_cli_one_line_errors(runs, token_data, val_data, tmp_path, capsys):
              (["--checkpoint", str(tmp_path)], "no complete checkpoint"),
              (["--checkpoint", ckpts["fsdp2"], "--set", "model.dim=48"], "does not match the model"),
              (["--checkpoint", ckpts["zero3"], "--set", "model.n_layers=3"], "does not match the model"),
-             (["--checkpoint", ckpts["fsdp2"], "--set", "eval.path=" + str(tmp_path / "nodata")], "no token dataset"),
-             (["--checkpoint", ckpts["fsdp2"], "--run-id", "0123456789abcdef"], "no such MLflow run")]
+             (["--checkpoint", ckpts["fsdp2"], "--set", "eval.path=" + str(tmp_path / "nodata")], "no token dataset")]
     for args, expect in cases:
         assert main(["eval", config, *args]) == 2
         err = capsys.readouterr().err.strip()
@@ -320,3 +319,17 @@ def test_mixture_metrics_per_source(token_data, val_data, tmp_path):
     total = (m["eval/synth/loss"] * m["eval/synth/tokens"] + m["eval/random/loss"] * m["eval/random/tokens"]) / (74 * SEQ)
     assert m["eval/loss"] == pytest.approx(total, rel=1e-9)
     assert m["eval/synth/loss"] != m["eval/random/loss"]
+
+
+def test_cli_bad_run_id_before_compute(token_data, val_data, tmp_path, capsys):
+    """A state-dict file passes the checks; the unknown --run-id is refused before any
+    process starts, in one line."""
+    from distreg.cli import main
+    from distreg.models import build_model
+
+    config = _write_config(tmp_path, token_data, val_data)
+    model_pt = tmp_path / "model.pt"
+    torch.save(build_model(tiny_config(token_data, str(tmp_path)).model, 0, "cpu").state_dict(), model_pt)
+    assert main(["eval", config, "--checkpoint", str(model_pt), "--run-id", "0123456789abcdef"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--run-id 0123456789abcdef: no such MLflow run" in err, err
