@@ -333,3 +333,37 @@ def test_cli_bad_run_id_before_compute(token_data, val_data, tmp_path, capsys):
     assert main(["eval", config, "--checkpoint", str(model_pt), "--run-id", "0123456789abcdef"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--run-id 0123456789abcdef: no such MLflow run" in err, err
+
+
+def test_eval_mode_is_the_inference_model(token_data, val_data, tmp_path):
+    """The Evaluator's numbers are those of the model in eval mode: Dice on its running
+    statistics (not the batch's), nested dropout at `eval_keep`; training mode restored."""
+    from distreg.data.heldout import build_heldout
+    from distreg.hooks.base import HookContext
+    from distreg.hooks.registry import build_hooks
+    from distreg.models import build_model
+    from distreg.runtime.comm import Comm
+    from distreg.runtime.evaluate import Evaluator, batch_sums
+
+    def direct(cfg, model):
+        h = build_heldout(cfg, 0, 1)
+        with torch.no_grad():
+            sums = sum(batch_sums(model(b["input"]), b["target"], b["source"], 1) for b in h.batches())
+        return float(sums[0, 0] / sums[0, 1])
+
+    cfg = tiny_config(token_data, str(tmp_path), **{"eval.path": val_data, "model.ffn_activation": "dice",
+                                                    "hooks": "[{name: nested_dropout, sigma: 4, eval_keep: 16}]"})
+    model = build_model(cfg.model, 0, "cpu")
+    for name, buf in model.named_buffers():  # running statistics far from a batch's own moments
+        if name.endswith("running_mean"):
+            buf.fill_(0.5)
+    ctx = HookContext(comm=Comm(), strategy="ddp", model=model)
+    for hook in build_hooks(cfg.hooks):
+        hook.prepare_model(model, ctx)
+    model.train()
+    got = Evaluator(cfg, Comm(), torch.device("cpu")).run(model, model)["eval/loss"]
+    assert model.training
+    model.eval()
+    assert got == pytest.approx(direct(cfg, model), rel=1e-9)
+    model.train()
+    assert abs(direct(cfg, model) - got) > 1e-4  # batch moments and random keeps give other numbers
