@@ -214,6 +214,12 @@ def log_mlflow(rows: list[dict], out: Path, params: dict, png: Path) -> str:
         return run.info.run_id
 
 
+def _worker_init() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/quality")
@@ -223,6 +229,7 @@ def main() -> None:
     ap.add_argument("--eval-samples", type=int, default=512, help="held-out windows of 64 bytes")
     ap.add_argument("--only", default=None, help="comma-separated methods")
     ap.add_argument("--slow-seeds", type=int, default=1, help=f"seeds of the slow runs ({', '.join(sorted(SLOW))})")
+    ap.add_argument("--jobs", type=int, default=2, help="runs in parallel processes (1 thread each)")
     ap.add_argument("--quick", action="store_true", help="1 seed, 40 steps")
     args = ap.parse_args()
     if args.quick:
@@ -241,17 +248,39 @@ def main() -> None:
     if args.only:
         keep = set(args.only.split(",")) | {"dense", "dense_noisy"}
         table = {k: v for k, v in table.items() if k in keep}
-    results: dict[str, list[dict]] = {name: [] for name in table}
-    for seed in range(args.seeds):  # interleaved: every method at seed 0, then seed 1, ...
-        for name, (split, overrides) in table.items():
-            if name in SLOW and seed >= args.slow_seeds:
-                continue
-            r = run_one(corpus, split, overrides, seed, args.steps, args.eval_samples, out / "runs" / f"{name}_s{seed}")
-            results[name].append(r)
-            print(f"seed {seed} {name:<14} val loss {r['loss']:.4f} ppl {r['ppl']:.3f} acc {r['accuracy']:.4f} "
-                  f"(train {r['train_loss']:.4f}, {r['seconds']:.0f}s)", flush=True)
+    # Interleaved: every method at seed 0, then seed 1, ...; the slow runs first so that
+    # they overlap the others when --jobs > 1. Runs are independent (own run_dir, seed).
+    jobs = [(seed, name) for seed in range(args.seeds) for name in table
+            if not (name in SLOW and seed >= args.slow_seeds)]
+    jobs.sort(key=lambda j: j[1] not in SLOW)
+    results: dict[str, dict[int, dict]] = {name: {} for name in table}
+
+    def done(seed: int, name: str, r: dict) -> None:
+        results[name][seed] = r
+        print(f"seed {seed} {name:<14} val loss {r['loss']:.4f} ppl {r['ppl']:.3f} acc {r['accuracy']:.4f} "
+              f"(train {r['train_loss']:.4f}, {r['seconds']:.0f}s)", flush=True)
+
+    def submit(run, seed, name):
+        split, overrides = table[name]
+        return run(run_one, corpus, split, overrides, seed, args.steps, args.eval_samples,
+                   out / "runs" / f"{name}_s{seed}")
+
+    if args.jobs > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init) as pool:
+            futures = [(seed, name, submit(pool.submit, seed, name)) for seed, name in jobs]
+            for seed, name, f in futures:
+                done(seed, name, f.result())
+    else:
+        for seed, name in jobs:
+            done(seed, name, submit(lambda fn, *a: fn(*a), seed, name))
+    results = {name: [by_seed[s] for s in sorted(by_seed)] for name, by_seed in results.items()}
     rows = summarize(results, {k: v[0] for k, v in table.items()})
-    info = (f"quality: tiny Llama (bytes, vocab 257), {args.steps} steps x 16 x 64 tokens, {args.seeds} seed(s), "
+    info = (f"quality: tiny Llama (bytes, vocab 257), {args.steps} steps x 16 x 64 tokens, {args.seeds} seed(s) "
+            f"({', '.join(sorted(SLOW))}: {min(args.slow_seeds, args.seeds)}), "
             f"held-out {results['dense'][0]['samples']:.0f} windows of clean stdlib files; mean ± sd over seeds; "
             f"ppl / base = paired ratio to the dense run on the same training data")
     text = format_table(rows, info)
