@@ -25,7 +25,7 @@ Seeds are interleaved (seed 0: every method, seed 1: every method, ...). The tab
 is printed, written to `<out>/quality.json`, and logged to MLflow as a table artifact
 with a plot (tracking URI: $MLFLOW_TRACKING_URI, else sqlite under `<out>`).
 
-    python benchmarks/quality.py              # about 10-15 min on 2 idle cores
+    python benchmarks/quality.py              # 12 min on 2 shared cores (--jobs 2)
     python benchmarks/quality.py --quick      # 1 seed, fewer steps: a smoke run
 """
 from __future__ import annotations
