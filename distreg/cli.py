@@ -28,6 +28,10 @@ def _train(args) -> int:
     # worker's traceback.
     try:
         check_data(cfg)
+        if cfg.eval.enabled:  # the held-out data too (eval:)
+            from distreg.data.heldout import build_heldout
+
+            build_heldout(cfg, 0, 1)
     except DataError as e:
         raise ConfigError(f"{args.config}: {e}") from None
     from distreg.launch import launch, print_summary
@@ -69,6 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--world-size", type=int, default=None, help="default: scaling.num_workers")
     p.set_defaults(fn=_plan)
+
+    from distreg import eval_cli
+
+    p = sub.add_parser("eval", help="held-out metrics of a checkpoint (any strategy, any world size)")
+    eval_cli.add_arguments(p)
+    p.set_defaults(fn=eval_cli.run)
 
     from distreg import submit
 

@@ -197,10 +197,46 @@ class ScalingConfig(_Strict):
     max_failures: int = Field(0, ge=-1)
 
 
+class KeepBestConfig(_Strict):
+    """Keep the checkpoint with the best held-out metric beside the `keep_last` ones."""
+
+    metric: str = "eval/loss"
+    mode: Literal["min", "max"] = "min"
+
+
 class CheckpointConfig(_Strict):
     dir: str | None = None  # default: <run_dir>/checkpoints
     every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, gt=0)
+    keep_best: KeepBestConfig | None = None  # needs `eval:`; candidates: checkpoints taken at an eval step
+
+
+class EvalSourceConfig(_Strict):
+    """One held-out token dataset of a mixture evaluation (metrics per source)."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    path: str
+
+    _absolute = field_validator("path")(MixtureSourceConfig._absolute.__func__)
+
+
+class EvalConfig(_Strict):
+    """Held-out evaluation (distreg/runtime/evaluate.py): every sample counted once,
+    whatever the world size. Off unless `path` or `sources` is set."""
+
+    # tokens: a token dataset; imagenet: a split with manifest.json (e.g. DEST/val);
+    # mixture: `sources` (one held-out dataset per domain). Default: data.kind.
+    kind: Literal["tokens", "imagenet", "mixture"] | None = None
+    path: str | None = None
+    sources: list[EvalSourceConfig] = []
+    every: int = Field(0, ge=0)  # steps between evaluations (0: only at the end)
+    at_end: bool = True  # evaluate after the last step
+    max_samples: int | None = Field(None, gt=0)  # the first N held-out samples (per source for a mixture)
+    batch_size: int = Field(8, gt=0)  # samples per rank per forward
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.path or self.sources)
 
 
 class TrackingConfig(_Strict):
@@ -226,6 +262,7 @@ class RunConfig(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
+    eval: EvalConfig = EvalConfig()
     hooks: list[HookSpec] = []
 
     @model_validator(mode="after")
@@ -254,6 +291,20 @@ class RunConfig(_Strict):
         if self.strategy.name == "deepspeed" and "://" in ckpt_dir and not ckpt_dir.startswith("file://"):
             raise ValueError("checkpoint.dir: DeepSpeed writes checkpoints to a (shared) filesystem path, "
                              f"not to {ckpt_dir!r}; use strategy.name=fsdp2 for object-store checkpoints")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_data(self) -> "RunConfig":
+        e = self.eval
+        kind = e.kind or self.data.kind
+        if e.enabled and kind == "mixture" and not e.sources:
+            raise ValueError("eval.kind=mixture needs eval.sources: [{name, path}, ...]")
+        if e.sources and kind != "mixture":
+            raise ValueError(f"eval.sources is only used by eval.kind=mixture (kind is {kind!r})")
+        if kind == "mixture" and e.path:
+            raise ValueError("eval.path: a mixture evaluation reads eval.sources, not eval.path")
+        if self.checkpoint.keep_best is not None and not e.enabled:
+            raise ValueError("checkpoint.keep_best needs held-out data: set eval.path (or eval.sources)")
         return self
 
     @property

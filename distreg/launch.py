@@ -28,6 +28,8 @@ def resolve_paths(cfg: RunConfig) -> RunConfig:
         cfg.run_dir = str(Path(cfg.run_dir).resolve())
     if not _is_url(cfg.data.path):
         cfg.data.path = str(Path(cfg.data.path.removeprefix("file://")).resolve())
+    if cfg.eval.path and not _is_url(cfg.eval.path):
+        cfg.eval.path = _absolute(cfg.eval.path)
     if cfg.checkpoint.dir and not _is_url(cfg.checkpoint.dir):
         cfg.checkpoint.dir = str(Path(cfg.checkpoint.dir).resolve())
     cfg.tracking.uri = cfg.tracking.uri or default_tracking_uri(cfg.run_dir)

@@ -64,12 +64,16 @@ def plan(cfg: RunConfig, world_size: int | None = None) -> dict:
         blocks = transformer_blocks(model) or [model]
         gathered = max(sum(t.numel() for t in b.parameters() if id(t) not in experts) for b in blocks) \
             * _BYTES[s.mixed_precision.param_dtype]
-    hooks = build_hooks(cfg.hooks)
-    hook_bytes = {h.name: h.plan_memory_bytes(p) for h in hooks if hasattr(h, "plan_memory_bytes")}
+    from distreg.plan_hooks import hook_memory
+
+    hook_rows = hook_memory(cfg, build_hooks(cfg.hooks), model, world,
+                            lambda shape: max(_shard_numel(shape, world, r, param_how) for r in range(min(world, 2))))
+    hook_bytes = {h["name"]: h["bytes"] for h in hook_rows}
     total = sum(t.numel() for t in model.parameters())
     return {
         "world_size": world, "strategy": s.name if s.name != "deepspeed" else f"deepspeed ZeRO-{s.zero_stage}",
         "params": total, "trainable": sum(t.numel() for t in trainable),
+        "hooks": hook_rows,
         "bytes": {"params": 4 * p, "grads": 4 * g, "optimizer": 4 * moments * o, "gathered": gathered, **{f"hook:{k}": v for k, v in hook_bytes.items()}},
     }
 
@@ -79,7 +83,12 @@ def format_plan(info: dict) -> str:
     lines = [f"model: {info['params'] / 1e9:.3f}B parameters ({info['trainable'] / 1e9:.3f}B trainable)",
              f"sharding: {info['strategy']} over {info['world_size']} ranks",
              "per-rank memory (largest rank, activations excluded):"]
+    width = max(12, *(len(k) for k in info["bytes"]))
     for key, value in info["bytes"].items():
-        lines.append(f"  {key:<12} {value / gib:8.2f} GiB")
-    lines.append(f"  {'total':<12} {sum(info['bytes'].values()) / gib:8.2f} GiB")
+        lines.append(f"  {key:<{width}} {value / gib:8.2f} GiB")
+    lines.append(f"  {'total':<{width}} {sum(info['bytes'].values()) / gib:8.2f} GiB")
+    if info.get("hooks"):
+        lines.append("hooks (per-rank memory, included above):")
+        for h in info["hooks"]:
+            lines.append(f"  {h['name']:<20} {h['bytes'] / 2**20:10.2f} MiB  {h['what']}")
     return "\n".join(lines)

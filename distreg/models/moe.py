@@ -322,6 +322,7 @@ class MoEFeedForward(nn.Module):
         self.aux_losses: dict[str, Tensor] = {}  # this rank's differentiable shares, last forward
         self.stats: Tensor | None = None  # summed statistics since the last reset (float64)
         self.forwards = 0  # training forwards accumulated in `stats`
+        self.record_eval = False  # accumulate `stats` in eval forwards too (set by the evaluator)
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
@@ -408,6 +409,11 @@ class MoEFeedForward(nn.Module):
                 self.aux_losses = aux_losses
                 self.stats = stats if self.stats is None else self.stats + stats
                 self.forwards += 1
+        elif self.record_eval:
+            # Held-out evaluation (distreg.runtime.evaluate) collects the same statistics
+            # in eval mode: dropped tokens and load of the routing as evaluated.
+            self.stats = stats if self.stats is None else self.stats + stats
+            self.forwards += 1
 
         out = self._experts(xf, plan)
         return out.view(shape)

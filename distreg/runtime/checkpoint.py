@@ -69,7 +69,7 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 def save_checkpoint(root: str, step: int, strategy, trainer_state: dict, rank_state: dict, comm: Comm,
-                    keep_last: int) -> str:
+                    keep_last: int, keep_best=None) -> str:
     """Collective. Writes the strategy state, then trainer/rank state, then the marker."""
     path = step_path(root, step)
     strategy.save(posixpath.join(path, "model"))
@@ -79,14 +79,33 @@ def save_checkpoint(root: str, step: int, strategy, trainer_state: dict, rank_st
     comm.barrier()
     if comm.rank == 0:
         write_bytes_atomic(posixpath.join(path, MARKER), f"{step}\n".encode())
-        _prune(root, keep_last)
+        _prune(root, keep_last, best_checkpoint(root, keep_best) if keep_best is not None else None)
     comm.barrier()
     return path
 
 
-def _prune(root: str, keep_last: int) -> None:
+def best_checkpoint(root: str, keep_best) -> str | None:
+    """The complete checkpoint whose held-out metrics (`trainer.pt`'s "eval", written
+    when an evaluation ran at its step) are best by `keep_best` (`metric`, `mode`: min
+    or max; ties: the earliest). Checkpoints without that metric are not candidates."""
+    scored = []
+    for step, path in complete_checkpoints(root):
+        try:
+            value = (load_torch(posixpath.join(path, "trainer.pt")).get("eval") or {}).get(keep_best.metric)
+        except (OSError, EOFError, RuntimeError):
+            continue
+        if value is not None and value == value:  # not NaN
+            scored.append((value if keep_best.mode == "min" else -value, step, path))
+    return min(scored)[2] if scored else None
+
+
+def _prune(root: str, keep_last: int, keep: str | None = None) -> None:
+    """Remove complete checkpoints older than the last `keep_last`, except `keep` (the
+    best one, `checkpoint.keep_best`)."""
     fs, _ = fsspec.core.url_to_fs(root)
     for _, old in complete_checkpoints(root)[:-keep_last]:
+        if old == keep:
+            continue
         try:
             # Remove the marker first: a half-deleted checkpoint must not look complete.
             fs.rm(fsspec.core.url_to_fs(posixpath.join(old, MARKER))[1])

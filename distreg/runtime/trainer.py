@@ -25,6 +25,7 @@ from distreg.models import build_model, materialize
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
+from distreg.runtime.evaluate import Evaluator
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
@@ -40,6 +41,7 @@ class TrainResult:
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    eval: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics (eval:)
 
 
 class Trainer:
@@ -79,6 +81,7 @@ class Trainer:
         self.data = build_data(cfg, self.comm.rank, self.comm.world_size, self.comm)
         self.ctx.num_samples = getattr(self.data, "num_samples", None)
         self.ctx.epoch_fn = lambda: getattr(self.data, "epoch", 0)
+        self.evaluator = Evaluator(cfg, self.comm, self.device) if cfg.eval.enabled else None
         self.step = 0
         self.tracker = None
         if track and self.is_main:
@@ -151,6 +154,8 @@ class Trainer:
                 result.tokens_per_s.append(counts.tokens / dt)
                 self._log(loss, grad_norm, counts, dt)
                 progress.update(self.step, loss, counts.tokens / dt, self.data.unit + "/s")
+                if self.evaluator is not None and self.evaluator.due(self.step, last):
+                    result.eval = self.evaluator.run_logged(self.strategy, self.step, self.tracker, progress)
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
@@ -180,9 +185,11 @@ class Trainer:
     def save(self) -> str:
         trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
                          "config": self.cfg.model_dump(mode="json")}
+        if self.evaluator is not None and self.evaluator.last_step == self.step:
+            trainer_state["eval"] = dict(self.evaluator.last)  # checkpoint.keep_best ranks on it
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
-                                    self.comm, self.cfg.checkpoint.keep_last)
+                                    self.comm, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
@@ -225,6 +232,7 @@ def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
         "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
         "losses": {str(k): v for k, v in sorted(result.losses.items())[-100:]},
+        "eval": result.eval,
     }
     return summary
 

@@ -31,6 +31,16 @@ class Progress:
             sys.stdout.write(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}  eta {eta:,.0f}s\n")
             sys.stdout.flush()
 
+    def note(self, text: str) -> None:
+        """A line of its own (evaluation results), kept above a tqdm bar."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            sys.stdout.write(text + "\n")
+            sys.stdout.flush()
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
