@@ -203,7 +203,7 @@ def _sinkhorn_scaling(C, a, b, eps, g, max_iter, tol):
     """Sinkhorn in the scaling domain (local scope): ``P = diag(u) K diag(v)`` with the
     row-shifted kernel ``K_ij = exp(-(C_ij - min_j C_ij)/eps)`` computed once, then two
     multiply-sum passes per iteration instead of two log-sum-exps (each an exp over the
-    whole matrix). The iterates are those of :func:`_sinkhorn_loop` (f from g, then g
+    whole matrix: two BLAS matrix-vector products). The iterates are those of :func:`_sinkhorn_loop` (f from g, then g
     from f; same stopping rule, same per-problem freezing), only rounded differently.
     Returns None when the cost's spread could underflow the kernel (small eps): the
     caller then runs the log-domain loop."""
@@ -222,13 +222,14 @@ def _sinkhorn_scaling(C, a, b, eps, g, max_iter, tol):
     u = torch.zeros_like(a)
     done = torch.zeros((*C.shape[:-2], 1), dtype=torch.bool, device=C.device)
     it = 0
+    batched = done.numel() > 1  # one problem: nothing to freeze, no masking per iteration
     for it in range(1, max_iter + 1):
-        Kv = (K * v.unsqueeze(-2)).sum(-1)
+        Kv = (K @ v.unsqueeze(-1)).squeeze(-1)  # BLAS matrix-vector products
         row_err = (u * Kv - a).abs().sum(-1, keepdim=True)
         u_new = a / Kv
-        v_new = b / (K * u_new.unsqueeze(-1)).sum(-2)
-        u = torch.where(done, u, u_new)
-        v = torch.where(done, v, v_new)
+        v_new = b / (u_new.unsqueeze(-2) @ K).squeeze(-2)
+        u = torch.where(done, u, u_new) if batched else u_new
+        v = torch.where(done, v, v_new) if batched else v_new
         if it > 1:
             done = done | (row_err < tol)
         if bool(done.all()):
