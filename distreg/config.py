@@ -148,6 +148,9 @@ class StrategyConfig(_Strict):
     mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()
     activation_checkpointing: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Regional compilation: torch.compile each transformer block (distreg/runtime/compile.py).
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 class OptimConfig(_Strict):

@@ -24,6 +24,7 @@ from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
+from distreg.runtime.compile import compile_blocks
 from distreg.runtime.comm import Comm
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
@@ -65,6 +66,8 @@ class Trainer:
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
+        if cfg.strategy.compile:  # per transformer block, before the strategy wraps / shards
+            compile_blocks(model, cfg.strategy.compile_backend, verbose=self.is_main)
         self.strategy.setup(model)
         self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
         self.ctx.lr_fn, self.ctx.base_lr = self.strategy.lr, cfg.optim.lr
