@@ -185,9 +185,15 @@ class ScalingConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
+    # `async` is a Python keyword: the attribute is `async_`, the config key `async`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
     dir: str | None = None  # default: <run_dir>/checkpoints
     every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, gt=0)
+    # Write in the background (distreg/runtime/async_checkpoint.py); COMPLETE once uploaded.
+    async_: bool = Field(False, alias="async")
 
 
 class TrackingConfig(_Strict):

@@ -157,6 +157,7 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
+            self.wait_for_checkpoint()
             status = "FINISHED"
         finally:
             progress.close()
@@ -184,8 +185,23 @@ class Trainer:
         trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
                          "config": self.cfg.model_dump(mode="json")}
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
+        if self.cfg.checkpoint.async_:  # background write, COMPLETE once every rank's upload is done
+            return self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
+                                                   rank_state, self.cfg.checkpoint.keep_last)
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
                                     self.comm, self.cfg.checkpoint.keep_last)
+
+    def _async_checkpointer(self):
+        if getattr(self, "_async_ckpt", None) is None:
+            from distreg.runtime.async_checkpoint import AsyncCheckpointer
+
+            self._async_ckpt = AsyncCheckpointer(self.comm, os.path.join(self.cfg.run_dir, ".checkpoint_stage"))
+        return self._async_ckpt
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save in flight is complete (no-op otherwise)."""
+        if getattr(self, "_async_ckpt", None) is not None:
+            self._async_ckpt.wait()
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
