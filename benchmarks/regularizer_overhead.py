@@ -84,12 +84,16 @@ def worker(data: str, root: str, args: dict) -> dict:
             t.train_step()
         trainers[name] = t
     times = {name: [] for name in trainers}
-    for _ in range(args["steps"] // args["block"]):
+    for r in range(args["steps"] // args["block"]):
         for name, t in trainers.items():
             for _ in range(args["block"]):
                 t0 = time.perf_counter()
                 t.train_step()
                 times[name].append(time.perf_counter() - t0)
+        if Comm().rank == 0:  # running medians after each round (long runs on a busy machine)
+            base = statistics.median(times["none"])
+            print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(ts) / base:.2f}" for n, ts in times.items()),
+                  flush=True)
     return times
 
 
