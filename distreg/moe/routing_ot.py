@@ -196,7 +196,7 @@ def _sinkhorn_loop(C, la, lb, eps, f, g, max_iter, tol, scope):
 # Largest spread (in units of eps) of one row of the cost, plus the spread of the
 # warm-start column potentials, for which the scaling-domain iteration is used: the
 # kernel's entries then stay >= e^-spread, far from underflow in fp32 (e^-87).
-_SCALING_MAX_SPREAD = {torch.float32: 30.0, torch.float64: 300.0}
+_SCALING_MAX_SPREAD = {torch.float32: 30.0, torch.float64: 100.0}
 
 
 def _sinkhorn_scaling(C, a, b, eps, g, max_iter, tol):
