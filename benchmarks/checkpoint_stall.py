@@ -86,22 +86,43 @@ def worker(data: str, root: str, args: dict) -> dict:
         for mode, t in trainers.items():
             t.cfg.checkpoint.dir = f"{base}/{mode}"
         res = {"none": [], "sync": [], "async": [], "sync_call": [], "async_call": []}
-        for _ in range(args["rounds"]):
-            for mode in ("none", "sync", "async"):
-                t = trainers["sync" if mode == "none" else mode]
-                comm.barrier()
-                t0 = time.perf_counter()
-                if mode != "none":
-                    t.save()
-                    res[f"{mode}_call"].append(time.perf_counter() - t0)
-                for _ in range(args["every"]):
-                    t.train_step()
-                t.wait_for_checkpoint()
-                comm.barrier()
-                res[mode].append(time.perf_counter() - t0)
+        try:
+            for _ in range(args["rounds"]):
+                for mode in ("none", "sync", "async"):
+                    t = trainers["sync" if mode == "none" else mode]
+                    comm.barrier()
+                    t0 = time.perf_counter()
+                    if mode != "none":
+                        t.save()
+                        res[f"{mode}_call"].append(time.perf_counter() - t0)
+                    for _ in range(args["every"]):
+                        t.train_step()
+                    t.wait_for_checkpoint()
+                    comm.barrier()
+                    res[mode].append(time.perf_counter() - t0)
+        except Exception as e:  # a failed save fails on every rank (DCP reduces errors): report, go on
+            res["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         res["size"] = dir_size(trainers["sync"].cfg.checkpoint_dir) if comm.rank == 0 else 0
         out[target] = res
+        if comm.rank == 0:
+            print(row(target, res), flush=True)
     return out
+
+
+HEADER = ("| target | checkpoint (MB) | steps alone (s) | sync: save call (s) | sync stall (s) | "
+          "async: save call (s) | async stall (s) | async / sync stall |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+
+
+def row(target: str, r: dict) -> str:
+    if not r["async"]:
+        return f"| {target} | failed: {r.get('error')} | | | | | | |"
+    n = len(r["async"])
+    none = statistics.median(r["none"][:n])
+    stall = {m: statistics.median([b - a for a, b in zip(r["none"], r[m])]) for m in ("sync", "async")}
+    ratio = stall["async"] / stall["sync"] if stall["sync"] > 0 else float("nan")
+    return (f"| {target} | {r['size'] / 2**20:.0f} | {none:.2f} | {statistics.median(r['sync_call']):.2f} | "
+            f"{stall['sync']:.2f} | {statistics.median(r['async_call']):.2f} | {stall['async']:.2f} | {ratio:.2f} |"
+            + (f" (after {n} rounds: {r['error']})" if "error" in r else ""))
 
 
 def main() -> None:
@@ -136,15 +157,9 @@ def main() -> None:
             moto.wait(timeout=30)
     print(f"{args.preset}, {args.strategy} x {args.world}, a checkpoint every {args.every} steps, "
           f"{args.rounds} interleaved rounds (medians, rank 0)")
-    print("\n| target | checkpoint (MB) | steps alone (s) | sync: save call (s) | sync stall (s) | "
-          "async: save call (s) | async stall (s) | async / sync stall |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n" + HEADER)
     for target, r in res.items():
-        none = [statistics.median(r["none"])]
-        stall = {m: statistics.median([b - a for a, b in zip(r["none"], r[m])]) for m in ("sync", "async")}
-        print(f"| {target} | {r['size'] / 2**20:.0f} | {none[0]:.2f} | {statistics.median(r['sync_call']):.2f} | "
-              f"{stall['sync']:.2f} | {statistics.median(r['async_call']):.2f} | {stall['async']:.2f} | "
-              f"{stall['async'] / stall['sync'] if stall['sync'] > 0 else float('nan'):.2f} |")
+        print(row(target, r))
 
 
 if __name__ == "__main__":
