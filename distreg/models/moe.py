@@ -373,9 +373,11 @@ class MoEFeedForward(nn.Module):
             grouped = logits.view(tokens // g, g, self.num_experts)
             out = router(grouped, self.top_k, capacity, **self._warm_kw())
         plan = _as_plan(out, self.top_k)
-        # A no-op for the package routers (global scope: a rank's share of an expert's
-        # global capacity is below the capacity); guards plugged-in routers.
-        plan = enforce_capacity(plan.expert, plan.gate, capacity, self.num_experts)
+        # Guards plugged-in routers. Skipped for the package routers, whose slot-major FCFS
+        # dispatch already keeps every expert within capacity (global scope: a rank's
+        # share of an expert's global capacity is below the capacity): an [N, k, E] pass saved.
+        if not isinstance(router, PackageRouter):
+            plan = enforce_capacity(plan.expert, plan.gate, capacity, self.num_experts)
         k = plan.expert.shape[-1]
         return DispatchPlan(plan.expert.reshape(tokens, k), plan.gate.reshape(tokens, k)), capacity
 
