@@ -5,6 +5,8 @@ and mean, which includes periodic work such as `hessian_trace` every N steps).
 
     python benchmarks/regularizer_overhead.py [--steps 30] [--block 5]
     python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2     # 2 gloo ranks
+    python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2 --preset llama-small \
+        --hooks orthogonality nuclear_norm trained_rank_pruning group_envelope sorsa --steps 6 --block 2
 
 Each rank is a spawned gloo process (`distreg.testing.run_distributed`, also for one
 rank); times are rank 0's. `hessian_trace` runs every `--hessian-every` steps (its cost
@@ -59,17 +61,20 @@ def worker(data: str, root: str, args: dict) -> dict:
     strategy = {"ddp": ["strategy.name=ddp"], "fsdp2": ["strategy.name=fsdp2"],
                 "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}[args["strategy"]]
     # the distillation teacher: a tiny Llama of the same shape, trained for one step
-    teacher = load_config(None, [f"data.path={data}", f"run_dir={root}/teacher", f"data.seq_len={args['seq_len']}",
-                                 f"scaling.num_workers={args['world']}", f"train.global_batch_size={args['batch']}",
-                                 "train.max_steps=1", *strategy])
-    Trainer(teacher, Comm(), track=False).fit()
+    if "distillation" in args["hooks"]:
+        teacher = load_config(None, [f"data.path={data}", f"run_dir={root}/teacher", f"data.seq_len={args['seq_len']}",
+                                     f"scaling.num_workers={args['world']}", f"train.global_batch_size={args['batch']}",
+                                     "train.max_steps=1", *strategy, *args["model"]])
+        Trainer(teacher, Comm(), track=False).fit()
     trainers = {}
     for name, hooks in HOOKS.items():
+        if name not in args["hooks"]:
+            continue
         hooks = json.loads(json.dumps(hooks).replace('"TEACHER"', json.dumps(f"{root}/teacher/checkpoints")))
         cfg = load_config(None, [
             f"data.path={data}", f"run_dir={root}/{name}", f"data.seq_len={args['seq_len']}",
             f"scaling.num_workers={args['world']}", f"train.global_batch_size={args['batch']}",
-            f"train.max_steps={100 * args['steps']}", "optim.warmup_steps=0", *strategy,
+            f"train.max_steps={100 * args['steps']}", "optim.warmup_steps=0", *strategy, *args["model"],
             f"hooks={json.dumps(hooks)}",
         ])
         t = Trainer(cfg, Comm(), track=False)
@@ -78,13 +83,17 @@ def worker(data: str, root: str, args: dict) -> dict:
         for _ in range(2):  # warm-up
             t.train_step()
         trainers[name] = t
-    times = {name: [] for name in HOOKS}
-    for _ in range(args["steps"] // args["block"]):
+    times = {name: [] for name in trainers}
+    for r in range(args["steps"] // args["block"]):
         for name, t in trainers.items():
             for _ in range(args["block"]):
                 t0 = time.perf_counter()
                 t.train_step()
                 times[name].append(time.perf_counter() - t0)
+        if Comm().rank == 0:  # running medians after each round (long runs on a busy machine)
+            base = statistics.median(times["none"])
+            print(f"round {r + 1}: " + ", ".join(f"{n} {statistics.median(ts) / base:.2f}" for n, ts in times.items()),
+                  flush=True)
     return times
 
 
@@ -97,18 +106,26 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=64)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--hessian-every", type=int, default=10)
+    ap.add_argument("--preset", default="llama-tiny", help="model.preset (llama-small: the issue-14 target)")
+    ap.add_argument("--hooks", nargs="+", default=list(HOOKS), choices=list(HOOKS),
+                    help="hooks to time (the no-hook baseline always runs)")
     args = ap.parse_args()
     HOOKS["hessian_trace"][0]["every"] = args.hessian_every
+    args.hooks = ["none"] + [h for h in args.hooks if h != "none"]
+    args.model = [f"model.preset={args.preset}"]
+    if args.preset != "llama-tiny":  # sorsa at its documented default rank (128 > llama-tiny's width)
+        HOOKS["sorsa"] = [{"name": "sorsa"}]
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
     from distreg.data.tokens import synth_tokens
     from distreg.testing import run_distributed
 
     tmp = tempfile.mkdtemp()
-    synth_tokens(f"{tmp}/tokens", num_tokens=200_000, vocab_size=256)
+    vocab = 32000 if args.preset != "llama-tiny" else 256
+    synth_tokens(f"{tmp}/tokens", num_tokens=200_000, vocab_size=vocab)
     times = run_distributed(worker, args.world, f"{tmp}/tokens", tmp, vars(args))[0]
     base, base_mean = statistics.median(times["none"]), statistics.fmean(times["none"])
-    print(f"tiny Llama (llama-tiny, seq {args.seq_len}, global batch {args.batch}), {args.strategy} x {args.world}, "
+    print(f"Llama ({args.preset}, seq {args.seq_len}, global batch {args.batch}), {args.strategy} x {args.world}, "
           f"{args.steps} timed steps per hook in blocks of {args.block}")
     print("\n| hook | median step (ms) | mean (ms) | median ratio vs no hooks | mean ratio |")
     print("| --- | --- | --- | --- | --- |")

@@ -1,20 +1,27 @@
-"""MoE routing cost per step: softmax top-k against the OT routers of `distreg.moe`
-(Sinkhorn, sparsity-constrained OT, Sinkhorn-Newton-Sparse) and POT's log-domain
-Sinkhorn on the same cost matrix, for 4096 tokens × {8, 64} experts, one process.
+"""MoE routing cost per call: softmax top-k against the OT routers of `distreg.moe`
+(Sinkhorn, sparsity-constrained OT, Sinkhorn-Newton-Sparse) and POT's default
+``ot.sinkhorn`` and log-domain Sinkhorn on the same cost matrix, for 4096 tokens ×
+{8, 64} experts, one process.
 
     python benchmarks/routing.py [--tokens 4096] [--experts 8 64] [--k 1] [--cf 1.25]
-                                 [--eps 1.0] [--budget 4] [--threads 1]
+                                 [--eps 1.0] [--rounds 15] [--warmup 5] [--threads 1]
 
-Logits are Gaussian plus a per-expert bias (a skewed router, as early in training), so
-top-k is unbalanced. Each method is timed end to end (router logits → dispatch plan;
-POT: cost matrix → plan) for up to ``--budget`` seconds (at least one call after one
-warm-up call); the median is reported with its ratio to top-k. Load balance is the
-max/mean tokens per expert: "claims" before capacity (the router's own balance, from a
-call without capacity), "kept" after capacity ``ceil(cf·n·k/m)``, plus the share of
-tokens dropped. OT solves use fp32 and their router defaults (Sinkhorn/SNS ``tol=1e-4``,
-``eps`` from ``--eps``, default 1 as in the router; smaller ``eps`` is where SNS's Newton
-stage matters; sparse OT ``gamma=0.1`` per token, ``tol=1e-3``, at most 100 L-BFGS
-iterations); ``it`` = solver iterations (SNS: warm-up + Newton; sparse OT: L-BFGS).
+Every call routes a *fresh* draw of token logits from one router distribution (Gaussian
+plus a per-expert bias: a skewed router, as early in training, so top-k is unbalanced),
+as consecutive micro-steps of one layer do. The OT routers are warm-started from the
+expert potentials of their previous call ("warm", what the MoE layer does every
+micro-step); "cold" rows start from zero every call; "sinkhorn solve" is the solver
+alone (cost → plan, no dispatch, gates or losses): the like-for-like row for POT. ``--warmup`` calls precede the
+timing; then ``--rounds`` rounds run every method once each, in the same order (A B C
+... A B C ..., interleaved so machine noise hits all alike); medians are reported with
+the ratio to top-k of the same rounds. ``it`` = median solver iterations per call in
+steady state (SNS: warm-up + Newton; sparse OT: L-BFGS; POT: its count). Load balance:
+max/mean tokens per expert kept after capacity ``ceil(cf·n·k/m)`` and the share of
+tokens dropped. OT solves use fp32 and the router defaults (Sinkhorn/SNS ``tol=1e-4``
+on the L1 marginal residual, ``eps`` from ``--eps``; sparse OT ``gamma=0.1`` per token,
+``tol=1e-3``, at most 100 L-BFGS iterations). POT runs on the same cost in float64
+numpy at the same ``stopThr=1e-4`` (its default method checks the error every 10
+iterations, so it may run a few more).
 """
 from __future__ import annotations
 
@@ -28,23 +35,42 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distreg.moe import ot_router, topk_router  # noqa: E402
-
-
-def timed(fn, budget: float):
-    fn()  # warm-up
-    times, out = [], None
-    start = time.perf_counter()
-    while not times or (time.perf_counter() - start < budget and len(times) < 20):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), len(times), out
+from distreg.moe import ot_router, sinkhorn_plan, topk_router  # noqa: E402
 
 
 def balance(counts: torch.Tensor) -> float:
     counts = counts.double().reshape(-1)
     return float(counts.max() / counts.mean())
+
+
+class Method:
+    """One contender: `call(logits)` routes and returns (iterations or None, plan info)."""
+
+    def __init__(self, name, fn, warm=False):
+        self.name, self.fn, self.warm = name, fn, warm
+        self.g = None
+        self.times, self.iters, self.kept, self.dropped = [], [], [], []
+
+    def __call__(self, logits, record):
+        kw = {"init": (None, self.g)} if self.warm and self.g is not None else {}
+        t = time.perf_counter()
+        out = self.fn(logits, **kw)
+        dt = time.perf_counter() - t
+        it = None
+        if hasattr(out, "expert_index"):
+            if out.solver is not None:
+                it = out.solver.iterations
+                if self.warm:
+                    self.g = out.solver.g
+            if record:
+                self.kept.append(balance(out.tokens_per_expert))
+                self.dropped.append(out.dropped_tokens / logits.shape[0])
+        else:
+            it = out
+        if record:
+            self.times.append(dt)
+            if it is not None:
+                self.iters.append(it)
 
 
 def main() -> None:
@@ -54,62 +80,73 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--cf", type=float, default=1.25)
     ap.add_argument("--eps", type=float, default=1.0, help="entropic regularisation (Sinkhorn, SNS, POT)")
-    ap.add_argument("--budget", type=float, default=4.0, help="seconds of timing per method")
+    ap.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (warm starts settle)")
+    ap.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn / SNS / POT tolerance")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: stable timings on shared CPUs; 0: torch default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+        try:  # POT's numpy BLAS gets the same number of threads
+            from threadpoolctl import threadpool_limits
+            threadpool_limits(args.threads)
+        except ImportError:
+            pass
     try:
         import numpy as np
         import ot
     except ImportError:  # POT is a test extra
         ot = None
-    n, k, eps = args.tokens, args.k, args.eps
-    print(f"# {n} tokens, top-{k}, capacity factor {args.cf}, eps {eps}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
-    header = f"{'experts':>7} {'method':<12} {'ms/step':>9} {'x topk':>7} {'it':>5} {'claims max/mean':>16} " \
-             f"{'kept max/mean':>14} {'dropped':>8} {'residual':>9}"
-    print(header)
+    n, k, eps, cf, tol = args.tokens, args.k, args.eps, args.cf, args.tol
+    print(f"# {n} tokens, top-{k}, capacity factor {cf}, eps {eps}, tol {tol}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds after {args.warmup} warm-up rounds, "
+          "fresh logits every call")
+    print(f"| experts | method | ms/call | x topk | x POT default | it | kept max/mean | dropped |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for m in args.experts:
-        g = torch.Generator().manual_seed(0)
-        logits = torch.randn(n, m, generator=g) + torch.linspace(0.0, 1.5, m)
-        methods = {
-            "topk": lambda cf, lg=logits: topk_router(lg, k, capacity_factor=cf),
-            "sinkhorn": lambda cf, lg=logits: ot_router(lg, k, method="sinkhorn", capacity_factor=cf, eps=eps),
-            "sparse_ot": lambda cf, lg=logits: ot_router(lg, k, method="sparse_ot", capacity_factor=cf),
-            "sns": lambda cf, lg=logits: ot_router(lg, k, method="sns", capacity_factor=cf, eps=eps),
-            "sns-schur": lambda cf, lg=logits: ot_router(lg, k, method="sns", capacity_factor=cf, eps=eps,
-                                                         variant="schur"),
-        }
-        base = None
-        for name, fn in methods.items():
-            t, reps, d = timed(lambda: fn(args.cf), args.budget)
-            base = base or t
-            free = fn(None)  # no capacity: the router's own balance
-            claims = balance(free.tokens_per_expert)
-            it = d.solver.iterations if d.solver is not None else "-"
-            res = f"{d.solver.residual:.1e}" if d.solver is not None else "-"
-            print(f"{m:>7} {name:<12} {t * 1e3:>9.1f} {t / base:>7.1f} {it!s:>5} {claims:>16.2f} "
-                  f"{balance(d.tokens_per_expert):>14.2f} {d.dropped_tokens / n:>8.1%} {res:>9}", flush=True)
+        gen = torch.Generator().manual_seed(0)
+        bias = torch.linspace(0.0, 1.5, m)
+        methods = [
+            Method("topk", lambda lg, **kw: topk_router(lg, k, capacity_factor=cf)),
+            Method("sinkhorn", lambda lg, **kw: ot_router(lg, k, method="sinkhorn", capacity_factor=cf, eps=eps,
+                                                          tol=tol, **kw), warm=True),
+            Method("sinkhorn cold", lambda lg, **kw: ot_router(lg, k, method="sinkhorn", capacity_factor=cf,
+                                                               eps=eps, tol=tol)),
+            # the solver alone (cost -> plan, what POT does): like for like with POT
+            Method("sinkhorn solve", lambda lg, **kw: sinkhorn_plan(scores=lg, eps=eps, tol=tol, **kw).iterations,
+                   warm=False),
+            Method("sparse_ot", lambda lg, **kw: ot_router(lg, k, method="sparse_ot", capacity_factor=cf, **kw),
+                   warm=True),
+            Method("sparse_ot cold", lambda lg, **kw: ot_router(lg, k, method="sparse_ot", capacity_factor=cf)),
+            Method("sns", lambda lg, **kw: ot_router(lg, k, method="sns", capacity_factor=cf, eps=eps, tol=tol,
+                                                     **kw), warm=True),
+        ]
         if ot is not None:
-            C = (-logits).double().numpy()
             a, b = np.full(n, 1.0 / n), np.full(m, 1.0 / m)
-            holder = {}
 
-            def pot():
-                P, log = ot.sinkhorn(a, b, C, eps, method="sinkhorn_log", stopThr=1e-4, numItermax=1000, log=True)
-                holder.update(P=P, it=log["niter"])
-                return P
+            def pot(method):
+                def run(lg, **kw):
+                    C = (-lg).double().numpy()
+                    _, log = ot.sinkhorn(a, b, C, eps, method=method, stopThr=tol, numItermax=1000, log=True)
+                    return int(log["niter"])
+                return run
 
-            t, reps, P = timed(pot, args.budget)
-            P = torch.from_numpy(P)
-            res = float((P.sum(1) - torch.from_numpy(a)).abs().sum() + (P.sum(0) - torch.from_numpy(b)).abs().sum())
-            claims = balance(torch.bincount(P.argmax(-1), minlength=m))
-            print(f"{m:>7} {'POT sinkhorn':<12} {t * 1e3:>9.1f} {t / base:>7.1f} {holder['it']!s:>5} "
-                  f"{claims:>16.2f} {'(plan only)':>14} {'':>8} {res:>9.1e}", flush=True)
-        else:
-            print(f"{m:>7} POT not installed (pip install pot): skipped")
+            methods += [Method("POT default", pot("sinkhorn")), Method("POT log", pot("sinkhorn_log"))]
+        for r in range(args.warmup + args.rounds):
+            logits = torch.randn(n, m, generator=gen) + bias
+            for meth in methods:
+                meth(logits, r >= args.warmup)
+        med = {mt.name: statistics.median(mt.times) for mt in methods}
+        for mt in methods:
+            it = f"{statistics.median(mt.iters):.0f}" if mt.iters else "-"
+            pot_ratio = f"{med[mt.name] / med['POT default']:.2f}" if "POT default" in med else "-"
+            kept = f"{statistics.median(mt.kept):.2f}" if mt.kept else "(plan only)"
+            dropped = f"{statistics.median(mt.dropped):.1%}" if mt.dropped else ""
+            print(f"| {m} | {mt.name} | {med[mt.name] * 1e3:.2f} | {med[mt.name] / med['topk']:.2f} | {pot_ratio} "
+                  f"| {it} | {kept} | {dropped} |", flush=True)
+        if ot is None:
+            print(f"| {m} | POT not installed (pip install pot): skipped | | | | | | |")
 
 
 if __name__ == "__main__":

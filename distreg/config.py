@@ -164,6 +164,9 @@ class StrategyConfig(_Strict):
     mixed_precision: MixedPrecisionConfig = MixedPrecisionConfig()
     activation_checkpointing: bool = False
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # Regional compilation: torch.compile each transformer block (distreg/runtime/compile.py).
+    compile: bool = False
+    compile_backend: str = "inductor"
 
 
 class OptimConfig(_Strict):
@@ -205,10 +208,16 @@ class KeepBestConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
+    # `async` is a Python keyword: the attribute is `async_`, the config key `async`.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True,
+                              serialize_by_alias=True)
+
     dir: str | None = None  # default: <run_dir>/checkpoints
     every: int = Field(0, ge=0)  # 0: only at the end
     keep_last: int = Field(2, gt=0)
     keep_best: KeepBestConfig | None = None  # needs `eval:`; candidates: checkpoints taken at an eval step
+    # Write in the background (distreg/runtime/async_checkpoint.py); COMPLETE once uploaded.
+    async_: bool = Field(False, alias="async")
 
 
 class EvalSourceConfig(_Strict):

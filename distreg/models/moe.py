@@ -161,6 +161,14 @@ def _package_routers() -> dict[str, Callable[..., Any]]:
     return {name: getattr(ext, fn) for name, fn in _PACKAGE_ROUTER_FUNCS.items() if hasattr(ext, fn)}
 
 
+# OT routers whose expert potentials warm-start the next micro-step (layer state).
+WARM_STARTED = ("sinkhorn", "sparse_ot", "sns")
+# Warm-start potentials are averaged over all routing groups of all ranks as integer
+# multiples of 2^-24 (exact in float64 whatever the summation order), so the start -
+# and with it the tolerance-stopped plan - is bitwise the same on any number of ranks.
+_DUAL_QUANTUM = 2.0 ** -24
+
+
 class PackageRouter:
     """Adapter: a `distreg.moe.routers` function under this layer's router protocol.
 
@@ -173,12 +181,17 @@ class PackageRouter:
     def __init__(self, name: str, fn: Callable[..., Any]):
         self.name, self.fn = name, fn
         self.last_solver: tuple[int, float] | None = None  # (iterations, marginal residual) of the last solve
+        self.last_duals: Tensor | None = None  # [groups, E] expert potentials of the last solve
 
-    def __call__(self, logits: Tensor, top_k: int, capacity: int, comm=None, global_scope: bool = False):
+    def __call__(self, logits: Tensor, top_k: int, capacity: int, comm=None, global_scope: bool = False,
+                 init: Tensor | None = None):
         """Route `logits` [groups, G, E]: each group alone, or (`global_scope`, one group)
-        one problem over the tokens of every rank of `comm` (None: this process only)."""
+        one problem over the tokens of every rank of `comm` (None: this process only).
+        `init` [E]: warm start of the OT solvers' expert potentials (every group)."""
         groups, g, experts = logits.shape
         kw: dict[str, Any] = {"normalize": top_k > 1} if self.name == "topk" else {}
+        if init is not None and self.name in WARM_STARTED:
+            kw["init"] = (None, init.to(logits.device).expand(groups, experts))
         if global_scope and self.name != "topk":
             # Global OT solves in float64: a solver stopped by its tolerance or iteration
             # cap follows a path that float32 round-off in the cross-rank sums would bend,
@@ -189,6 +202,7 @@ class PackageRouter:
         plan = self.fn(logits.reshape(groups * g, experts), top_k, capacity=capacity, **scope, **kw)
         solver = getattr(plan, "solver", None)
         self.last_solver = (solver.iterations, solver.residual) if solver is not None else None
+        self.last_duals = solver.g.reshape(groups, experts) if solver is not None and solver.g is not None else None
         expert, gate = _plan_fields(plan)
         return expert.reshape(groups, g, -1), gate.reshape(groups, g, -1)
 
@@ -321,6 +335,12 @@ class MoEFeedForward(nn.Module):
         self._route_comm = None  # Comm over ep_group, built on first use (global scope)
         self.aux_losses: dict[str, Tensor] = {}  # this rank's differentiable shares, last forward
         self.stats: Tensor | None = None  # summed statistics since the last reset (float64)
+        # Warm start of the OT router: the expert potentials of the previous training
+        # micro-step, centred per group and averaged over every group of every rank
+        # (replicated, so a model buffer: checkpointed with the weights; zeros = cold).
+        self.warm_start = isinstance(router, str) and router in WARM_STARTED
+        self.register_buffer("router_duals", torch.zeros(num_experts, dtype=torch.float64))
+        self._duals_used: Tensor | None = None  # the start of the last forward (replayed by recomputation)
         self.forwards = 0  # training forwards accumulated in `stats`
         self.record_eval = False  # accumulate `stats` in eval forwards too (set by the evaluator)
 
@@ -344,7 +364,7 @@ class MoEFeedForward(nn.Module):
             capacity = capacity_of(tokens * self.ep_size, self.top_k, self.num_experts, self.capacity_factor)
             grouped = logits.view(1, tokens, self.num_experts)
             comm = self._comm() if self.ep_size > 1 else None
-            out = router(grouped, self.top_k, capacity, comm=comm, global_scope=True)
+            out = router(grouped, self.top_k, capacity, comm=comm, global_scope=True, **self._warm_kw())
         else:
             g = self.group_size or tokens
             if tokens % g:
@@ -352,13 +372,37 @@ class MoEFeedForward(nn.Module):
                                  "this rank's micro-batch (micro-batch size x data.seq_len)")
             capacity = capacity_of(g, self.top_k, self.num_experts, self.capacity_factor)
             grouped = logits.view(tokens // g, g, self.num_experts)
-            out = router(grouped, self.top_k, capacity)
+            out = router(grouped, self.top_k, capacity, **self._warm_kw())
         plan = _as_plan(out, self.top_k)
-        # A no-op for the package routers (global scope: a rank's share of an expert's
-        # global capacity is below the capacity); guards plugged-in routers.
-        plan = enforce_capacity(plan.expert, plan.gate, capacity, self.num_experts)
+        # Guards plugged-in routers. Skipped for the package routers, whose slot-major FCFS
+        # dispatch already keeps every expert within capacity (global scope: a rank's
+        # share of an expert's global capacity is below the capacity): an [N, k, E] pass saved.
+        if not isinstance(router, PackageRouter):
+            plan = enforce_capacity(plan.expert, plan.gate, capacity, self.num_experts)
         k = plan.expert.shape[-1]
         return DispatchPlan(plan.expert.reshape(tokens, k), plan.gate.reshape(tokens, k)), capacity
+
+    def _warm_kw(self) -> dict[str, Any]:
+        """`init=` for a warm-started OT router: the layer's potentials, or - when
+        activation checkpointing re-runs this forward - the start the first run used."""
+        if not (self.warm_start and isinstance(getattr(self, "router_fn", None), PackageRouter)):
+            return {}
+        if not is_recomputing():
+            self._duals_used = self.router_duals.clone()
+        return {"init": self._duals_used}
+
+    def _duals_sum(self) -> Tensor:
+        """[E + 1] float64: this rank's quantised, per-group-centred potentials summed over
+        its groups, and its number of groups (zeros without a warm-started solve)."""
+        duals = getattr(getattr(self, "router_fn", None), "last_duals", None) if self.warm_start else None
+        out = torch.zeros(self.num_experts + 1, dtype=torch.float64, device=self.router_duals.device)
+        if duals is None:
+            return out
+        d = duals.detach().double()
+        d = torch.round((d - d.mean(-1, keepdim=True)) / _DUAL_QUANTUM)
+        out[:-1] = d.sum(0)
+        out[-1] = d.shape[0]
+        return out
 
     def _comm(self):
         if self._route_comm is None:
@@ -392,9 +436,16 @@ class MoEFeedForward(nn.Module):
                 torch.tensor(float(solver[0]), dtype=torch.float64, device=xf.device),
                 torch.tensor(float(solver[1]), dtype=torch.float64, device=xf.device),
             ])
-            stats = torch.cat([chosen.double(), dispatched.double(), probs.sum(0).double(), scalars])
+            duals = self._duals_sum()
+            stats = torch.cat([chosen.double(), dispatched.double(), probs.sum(0).double(), scalars, duals])
             if self.ep_size > 1:
                 dist.all_reduce(stats, group=self.ep_group)
+            if self.warm_start and self.training and not is_recomputing():
+                # next micro-step's warm start: exact mean of the integer sums, identical on
+                # every rank (kept as is when no solve reported potentials; no host sync)
+                mean = stats[-E - 1:-1] / stats[-1].clamp_min(1) * _DUAL_QUANTUM
+                self.router_duals.copy_(torch.where(stats[-1] > 0, mean, self.router_duals))
+            stats = stats[:-E - 1]
         if self.training and torch.is_grad_enabled():
             n_global = stats[3 * E]
             f = (stats[:E] / (n_global * self.top_k)).to(probs.dtype)
@@ -489,7 +540,7 @@ def _layer_metrics(layer: MoEFeedForward) -> dict[str, Any]:
     if layer.stats is None:
         return {}
     E, s = layer.num_experts, layer.stats.cpu()
-    tokens, dropped_tok, dropped_slots, ent, zsum, iters, residual = s[3 * E:].tolist()
+    tokens, dropped_tok, dropped_slots, ent, zsum, iters, residual = s[3 * E:3 * E + _N_SCALARS].tolist()
     if tokens == 0:
         return {}
     solves = max(1, layer.forwards * layer.ep_size)  # one solve per rank and forward

@@ -166,13 +166,14 @@ def dispatch_from_choices(choices: Tensor, capacity: int, num_experts: int, comm
     return pos, keep, tpe, int(stats[0]), int(stats[1])
 
 
-def _z_loss(logits: Tensor) -> Tensor:
+def _z_loss(logits: Tensor, lse: Tensor | None = None) -> Tensor:
     """Router z-loss (ST-MoE): mean over this process's tokens of ``logsumexp(logits)²``
     (the rank average equals the global mean for equal token counts)."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    lse = torch.logsumexp(logits.float(), dim=-1) if lse is None else lse
+    return lse.square().mean()
 
 
-def _finish(logits, idx, keep, pos, gate_vals, normalize, capacity, tpe, overflow, dropped, aux, solver):
+def _finish(logits, idx, keep, pos, gate_vals, normalize, capacity, tpe, overflow, dropped, aux, solver, lse=None):
     N = logits.shape[0]
     k = idx.shape[-1]
     w = torch.where(keep, gate_vals, torch.zeros_like(gate_vals))
@@ -187,7 +188,7 @@ def _finish(logits, idx, keep, pos, gate_vals, normalize, capacity, tpe, overflo
         dropped_tokens=dropped,
         overflow=overflow,
         aux_loss=aux,
-        z_loss=_z_loss(logits),
+        z_loss=_z_loss(logits, lse),
         solver=solver,
     )
 
@@ -298,12 +299,15 @@ def ot_router(
     val, idx = plan.topk(k, dim=-1)
     idx = torch.where(val > 0, idx, torch.full_like(idx, -1))
     pos, keep, tpe, overflow, dropped = dispatch_from_choices(idx, cap, m, scope_comm)
+    # Gates only at the chosen slots: softmax_j = exp(logit_j - logsumexp), with the
+    # logsumexp shared with the z-loss (no full softmax over [N, m]).
+    lse = torch.logsumexp(logits.float(), dim=-1)
     if gate == "plan":
         gv = (val * n_group).to(logits.dtype)
     else:
-        act = torch.softmax(logits.float(), -1) if gate == "softmax" else torch.sigmoid(logits.float())
-        gv = _groups(act, group_size).gather(-1, idx.clamp_min(0))
-    return _finish(logits, idx, keep, pos, gv, normalize, cap, tpe, overflow, dropped, None, res)
+        chosen = _groups(logits.float(), group_size).gather(-1, idx.clamp_min(0))
+        gv = (chosen - _groups(lse.unsqueeze(-1), group_size)).exp() if gate == "softmax" else torch.sigmoid(chosen)
+    return _finish(logits, idx, keep, pos, gv, normalize, cap, tpe, overflow, dropped, None, res, lse)
 
 
 def sinkhorn_router(logits: Tensor, k: int = 1, **kw: Any) -> DispatchPlan:

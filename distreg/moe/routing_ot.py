@@ -101,7 +101,11 @@ class _Scope:
         return torch.cat(self.comm.all_gather(t.contiguous()), dim=dim)
 
 
-def _setup(cost, scores, a, b, comm, dtype):
+def _setup(cost, scores, a, b, comm, dtype, check_finite=True):
+    """Cost in the working dtype, marginals, scope. Validation (a collective in global
+    scope) is skipped for what cannot be wrong: uniform default marginals, and a cost
+    whose finiteness the caller checks itself (``check_finite=False``, the scaling
+    Sinkhorn: its row spread is NaN/inf exactly when the cost is not finite)."""
     if (cost is None) == (scores is None):
         raise ValueError("pass exactly one of cost or scores")
     C = (-scores if cost is None else cost).detach()
@@ -114,6 +118,7 @@ def _setup(cost, scores, a, b, comm, dtype):
     scope = _Scope(comm, n, C.device)
     if scope.N == 0 or m == 0:
         raise ValueError("empty OT problem")
+    uniform = a is None and b is None
     if a is None:
         a = torch.full((*batch, n), 1.0 / scope.N, dtype=dt, device=C.device)
     else:
@@ -122,6 +127,8 @@ def _setup(cost, scores, a, b, comm, dtype):
         b = torch.full((*batch, m), 1.0 / m, dtype=dt, device=C.device)
     else:
         b = b.detach().to(dt).expand(*batch, m).contiguous()
+    if uniform and not check_finite and not scope.glob:
+        return C, a, b, scope
     # validation on replicated numbers (one all-reduce) so every rank raises together
     flags = torch.stack([(~torch.isfinite(C)).sum(), (a <= 0).sum()]).to(dt)
     buf = scope.sum_(torch.cat([a.sum(-1).reshape(-1), flags]))
@@ -186,6 +193,52 @@ def _sinkhorn_loop(C, la, lb, eps, f, g, max_iter, tol, scope):
     return f, g, it
 
 
+# Largest spread (in units of eps) of one row of the cost, plus the spread of the
+# warm-start column potentials, for which the scaling-domain iteration is used: the
+# kernel's entries then stay >= e^-spread, far from underflow in fp32 (e^-87).
+_SCALING_MAX_SPREAD = {torch.float32: 30.0, torch.float64: 100.0}
+
+
+def _sinkhorn_scaling(C, a, b, eps, g, max_iter, tol):
+    """Sinkhorn in the scaling domain (local scope): ``P = diag(u) K diag(v)`` with the
+    row-shifted kernel ``K_ij = exp(-(C_ij - min_j C_ij)/eps)`` computed once, then two
+    multiply-sum passes per iteration instead of two log-sum-exps (each an exp over the
+    whole matrix: two BLAS matrix-vector products). The iterates are those of :func:`_sinkhorn_loop` (f from g, then g
+    from f; same stopping rule, same per-problem freezing), only rounded differently.
+    Returns None when the cost's spread could underflow the kernel (small eps): the
+    caller then runs the log-domain loop."""
+    limit = _SCALING_MAX_SPREAD.get(C.dtype)
+    if limit is None:
+        return None
+    S = C / -eps
+    smax = S.amax(-1, keepdim=True)
+    smin = S.amin(-1, keepdim=True)
+    gs = g / eps
+    spread = torch.stack([(smax - smin).amax(), (gs.amax(-1) - gs.amin(-1)).amax() if gs.numel() else smax.new_zeros(())])
+    if not bool(torch.isfinite(spread).all() & (spread.sum() < limit)):
+        return None  # NaN/inf costs are reported by _setup's check in the log-domain path
+    K = (S - smax).exp_()
+    v = (gs - gs.amax(-1, keepdim=True)).exp()  # a constant shift of g leaves P unchanged
+    u = torch.zeros_like(a)
+    done = torch.zeros((*C.shape[:-2], 1), dtype=torch.bool, device=C.device)
+    it = 0
+    batched = done.numel() > 1  # one problem: nothing to freeze, no masking per iteration
+    for it in range(1, max_iter + 1):
+        Kv = (K @ v.unsqueeze(-1)).squeeze(-1)  # BLAS matrix-vector products
+        row_err = (u * Kv - a).abs().sum(-1, keepdim=True)
+        u_new = a / Kv
+        v_new = b / (u_new.unsqueeze(-2) @ K).squeeze(-2)
+        u = torch.where(done, u, u_new) if batched else u_new
+        v = torch.where(done, v, v_new) if batched else v_new
+        if it > 1:
+            done = done | (row_err < tol)
+        if bool(done.all()):
+            break
+    plan = u.unsqueeze(-1) * K * v.unsqueeze(-2)
+    f = eps * (u.log() - smax.squeeze(-1))
+    return plan, f, eps * v.log(), it
+
+
 def sinkhorn_plan(
     cost: Tensor | None = None,
     a: Tensor | None = None,
@@ -197,7 +250,7 @@ def sinkhorn_plan(
     tol: float = 1e-6,
     comm=None,
     dtype: torch.dtype | None = None,
-    init: tuple[Tensor, Tensor] | None = None,
+    init: tuple[Tensor | None, Tensor] | None = None,
 ) -> OTResult:
     """Balanced entropic OT ``min ⟨P,C⟩ + eps·Σ P(log P − 1)`` s.t. ``P1 = a, Pᵀ1 = b``.
 
@@ -207,11 +260,18 @@ def sinkhorn_plan(
     or after ``max_iter`` iterations. Global scope: see the module docstring; one
     all-gather of ``W·(m+1)`` floats per iteration (per problem).
     """
-    C, a, b, scope = _setup(cost, scores, a, b, comm, dtype)
-    f = torch.zeros_like(a) if init is None else init[0].detach().to(C.dtype).expand_as(a).clone()
+    local = comm is None or comm.world_size == 1
+    C, a, b, scope = _setup(cost, scores, a, b, comm, dtype, check_finite=not local)
+    f = torch.zeros_like(a) if init is None or init[0] is None else init[0].detach().to(C.dtype).expand_as(a).clone()
     g = torch.zeros_like(b) if init is None else init[1].detach().to(C.dtype).expand_as(b).clone()
-    f, g, it = _sinkhorn_loop(C, a.log(), b.log(), eps, f, g, max_iter, tol, scope)
-    plan = ((f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps).exp()
+    fast = _sinkhorn_scaling(C, a, b, eps, g, max_iter, tol) if local else None
+    if fast is None and local:
+        _setup(C, None, a, b, None, C.dtype)  # the checks the scaling path skipped (raises on NaN/inf)
+    if fast is not None:
+        plan, f, g, it = fast
+    else:
+        f, g, it = _sinkhorn_loop(C, a.log(), b.log(), eps, f, g, max_iter, tol, scope)
+        plan = ((f.unsqueeze(-1) + g.unsqueeze(-2) - C) / eps).exp()
     per, res, ok = _finish(plan, a, b, scope, tol)
     return OTResult(plan, f, g, it, res, ok, {"residuals": per})
 
@@ -570,6 +630,7 @@ def sparse_ot_plan(
     comm=None,
     dtype: torch.dtype | None = None,
     col_select: str = "radix",
+    init: tuple[Tensor | None, Tensor] | None = None,
 ) -> OTResult:
     """Sparsity-constrained, squared-L2-regularised OT (Liu, Puigcerver, Blondel 2023).
 
@@ -611,6 +672,10 @@ def sparse_ot_plan(
     of the ``O(history²)`` inner products of the two-loop recursion; per line-search
     trial one scalar all-reduce.
 
+    ``init``: ``(ignored, β)`` warm start of the expert potentials (dual formulation;
+    α is fitted to it row by row), e.g. ``OTResult.g`` of the previous micro-step of
+    the same routing layer: routing changes slowly, so far fewer iterations remain.
+
     ``info``: ``evaluations``, ``stalled`` (per problem: stopped without progress),
     ``nnz_col_max``/``nnz_row_max``/``density`` of the plan, per-problem ``residuals``.
     """
@@ -638,12 +703,18 @@ def sparse_ot_plan(
         """Inverse-curvature estimate γ / #active entries (L-BFGS initial Hessian)."""
         return gamma / count.clamp_min(1)
 
-    def row_fit():
-        """α with every row's unconstrained plan [α_i − C_ij]₊/γ summing to a_i (β = 0):
-        the exact row block-maximiser, a far better start than α = 0."""
-        U = -C / (gamma * a.unsqueeze(-1))
-        top = torch.sort(U, dim=-1, descending=True).values
-        return -gamma * a * _simplex_theta(top, -1).squeeze(-1)
+    def row_fit(beta):
+        """α with every row's unconstrained plan [α_i + β_j − C_ij]₊/γ summing to a_i: the
+        exact row block-maximiser for the given β, a far better start than α = 0. The
+        simplex threshold needs each row's support only: from its top 8 values when the
+        support is smaller than that (the usual routing case), else from a full sort."""
+        U = (beta.unsqueeze(-2) - C) / (gamma * a.unsqueeze(-1))
+        kk = min(m, 8)
+        top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
+        theta = _simplex_theta(top, -1)
+        if kk < m and bool((top[..., -1:] > theta).any()):  # a support of kk or more: sort all
+            theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
+        return -gamma * a * theta.squeeze(-1)
 
     if formulation == "dual":
 
@@ -665,7 +736,8 @@ def sparse_ot_plan(
             diag = [inv_curv((T > 0).sum(-1).to(T.dtype)), inv_curv(buf[..., m:2 * m])]
             return obj, [ga, gb], buf[..., 2 * m + 1] + gb.abs().sum(-1), diag
 
-        x0 = [row_fit(), torch.zeros_like(b)]
+        beta0 = torch.zeros_like(b) if init is None else init[1].detach().to(C.dtype).expand_as(b).clone()
+        x0 = [row_fit(beta0), beta0]
         sharded = [True, False]
     else:
         if axis in ("col",):
@@ -685,7 +757,7 @@ def sparse_ot_plan(
                 res = buf[..., 2 * m + 1] + (buf[..., :m] - b).abs().sum(-1)
                 return buf[..., 2 * m], [ga], res, [inv_curv((T > 0).sum(-1).to(T.dtype))]
 
-            x0, sharded = [row_fit()], [True]
+            x0, sharded = [row_fit(torch.zeros_like(b))], [True]
         else:
             # variable β (columns, replicated); every row projected with a_i·P_k(X/(γ a_i))
             k_row = kr if kr is not None else m
@@ -780,7 +852,7 @@ def sns_plan(
     variant: str = "auto",
     comm=None,
     dtype: torch.dtype | None = None,
-    init: tuple[Tensor, Tensor] | None = None,
+    init: tuple[Tensor | None, Tensor] | None = None,
 ) -> OTResult:
     """Sinkhorn-Newton-Sparse (Tang et al., ICLR 2024) for the entropic problem of
     :func:`sinkhorn_plan` (same ``eps``; the spec's ``η = 1/eps``).
@@ -815,7 +887,7 @@ def sns_plan(
     if variant == "sparse" and scope.glob:
         raise ValueError("variant='sparse' is single-process; use variant='schur' in global scope")
     la, lb = a.log(), b.log()
-    f = torch.zeros_like(a) if init is None else init[0].detach().to(C.dtype).expand_as(a).clone()
+    f = torch.zeros_like(a) if init is None or init[0] is None else init[0].detach().to(C.dtype).expand_as(a).clone()
     g = torch.zeros_like(b) if init is None else init[1].detach().to(C.dtype).expand_as(b).clone()
     f, g, n1 = _sinkhorn_loop(C, la, lb, eps, f, g, warmup_iters, tol, scope) if warmup_iters > 0 else (f, g, 0)
     fin = torch.finfo(C.dtype).eps

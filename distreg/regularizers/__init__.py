@@ -66,7 +66,7 @@ from distreg.regularizers.lowrank import (
     trp_unmatrix,
 )
 from distreg.regularizers.nested_dropout import nested_dropout, nested_dropout_keep, nested_dropout_probs
-from distreg.regularizers.orthogonality import conv_orthogonality, soft_orthogonality
+from distreg.regularizers.orthogonality import conv_orthogonality, soft_orthogonality, soft_orthogonality_grad
 from distreg.regularizers.wdr import standardized_moments, wdr_loss
 
 __all__ = [
@@ -74,7 +74,7 @@ __all__ = [
     "normsoftmax_embedding", "normalized_softmax_logits", "normalized_softmax_loss", "tcm_loss",
     "gaussian_gram", "cs_divergence", "cs_qmi", "cs_qmi_normalized", "cs_ib_loss",
     "orthograd", "softmax_collapse_counts",
-    "soft_orthogonality", "conv_orthogonality",
+    "soft_orthogonality", "soft_orthogonality_grad", "conv_orthogonality",
     "LowRank", "energy_rank", "trp_matrix", "trp_unmatrix", "low_rank_project", "low_rank_project_gram",
     "nuclear_subgradient",
     "group_sq_norms", "sparse_envelope", "sparse_envelope_gap", "wgsef_prox",

@@ -24,6 +24,7 @@ from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
+from distreg.runtime.compile import compile_blocks
 from distreg.runtime.comm import Comm
 from distreg.runtime.evaluate import Evaluator
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
@@ -67,6 +68,8 @@ class Trainer:
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
         model.activation_checkpointing = cfg.strategy.activation_checkpointing
+        if cfg.strategy.compile:  # per transformer block, before the strategy wraps / shards
+            compile_blocks(model, cfg.strategy.compile_backend, verbose=self.is_main)
         self.strategy.setup(model)
         self.ctx.model, self.ctx.shards_fn, self.ctx.sharded = self.strategy.module, self.strategy.local_shards, self.strategy.sharded
         self.ctx.lr_fn, self.ctx.base_lr = self.strategy.lr, cfg.optim.lr
@@ -159,6 +162,7 @@ class Trainer:
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
+            self.wait_for_checkpoint()
             status = "FINISHED"
         finally:
             progress.close()
@@ -188,8 +192,23 @@ class Trainer:
         if self.evaluator is not None and self.evaluator.last_step == self.step:
             trainer_state["eval"] = dict(self.evaluator.last)  # checkpoint.keep_best ranks on it
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
+        if self.cfg.checkpoint.async_:  # background write, COMPLETE once every rank's upload is done
+            return self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
+                                                   rank_state, self.cfg.checkpoint.keep_last)
         return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
                                     self.comm, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+
+    def _async_checkpointer(self):
+        if getattr(self, "_async_ckpt", None) is None:
+            from distreg.runtime.async_checkpoint import AsyncCheckpointer
+
+            self._async_ckpt = AsyncCheckpointer(self.comm, os.path.join(self.cfg.run_dir, ".checkpoint_stage"))
+        return self._async_ckpt
+
+    def wait_for_checkpoint(self) -> None:
+        """Block until an asynchronous save in flight is complete (no-op otherwise)."""
+        if getattr(self, "_async_ckpt", None) is not None:
+            self._async_ckpt.wait()
 
     def _resume(self) -> None:
         found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)

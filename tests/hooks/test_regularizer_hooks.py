@@ -130,17 +130,23 @@ def full_autograd(fn, fulls: dict[str, torch.Tensor]) -> tuple[float, dict[str, 
 
 
 @pytest.mark.parametrize("world,mode", SPLITS)
-def test_orthogonality_adds_coef_times_full_gradient(world, mode):
+@pytest.mark.parametrize("precision", ["fp64", "param"])
+def test_orthogonality_adds_coef_times_full_gradient(world, mode, precision):
+    """fp64 products: the metric equals the float64 autograd value to round-off; the
+    default (fp32 products of the fp32 weights, squared error summed in float64) agrees
+    to 1e-6 relative - the gradient to fp32 precision either way."""
     from distreg.regularizers import soft_orthogonality
 
     value, grad = full_autograd(soft_orthogonality, MATS)
     _, got, res = penalty_grad_after_backward(world, mode, MATS, lambda: hook("orthogonality", coef=0.3,
-                                                                               milestones={0: 2.0, 5: 0.1}), grads=GRADS)
+                                                                               milestones={0: 2.0, 5: 0.1},
+                                                                               precision=precision), grads=GRADS)
+    rel = 1e-10 if precision == "fp64" else 1e-6
     for k in MATS:  # factor 2 at step 0 (milestones)
         torch.testing.assert_close(got[k], (GRADS[k] + 0.6 * grad[k]).float(), rtol=1e-5, atol=1e-6)
     for metrics, routes in res:
-        assert metrics["orthogonality/error"] == pytest.approx(value, rel=1e-10)
-        assert metrics["orthogonality/penalty"] == pytest.approx(0.6 * value, rel=1e-10)
+        assert metrics["orthogonality/error"] == pytest.approx(value, rel=rel)
+        assert metrics["orthogonality/penalty"] == pytest.approx(0.6 * value, rel=rel)
         assert metrics["orthogonality/coef"] == 0.6
     expected_routes = {(1, "rows"): ["local"] * 3, (2, "rows"): ["gram", "gather", "gram"],
                        (3, "flat"): ["gather"] * 3}[(world, mode)]
@@ -155,6 +161,41 @@ def test_orthogonality_spec_value_and_schedule():
         assert res[0][0]["orthogonality/error"] == pytest.approx(expect, rel=1e-6)
     h = hook("orthogonality", coef=0.5, milestones={10: 1e-3, 20: 0.0})
     assert [h.coef(s) for s in (0, 9, 10, 19, 20, 100)] == [0.5, 0.5, 5e-4, 5e-4, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["orthogonality", "nuclear_norm"])
+def test_every_applies_on_due_steps_with_gradient_times_every(name):
+    """`every: 3`: on step 0 the term's gradient x 3 (the mean force of every step), on
+    steps 1 and 2 nothing is added and the metrics keep their last values."""
+    _, ref_got, ref_res = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01), grads=GRADS)
+    _, got, res = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01, every=3), grads=GRADS)
+    for k in MATS:
+        assert (ref_got[k] - GRADS[k]).abs().max() > 0
+        torch.testing.assert_close(got[k] - GRADS[k], 3 * (ref_got[k] - GRADS[k]), rtol=1e-5, atol=1e-6)
+    _, idle, res_idle = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01, every=3),
+                                                    grads=GRADS, step=1)
+    for k in MATS:
+        assert torch.equal(idle[k], GRADS[k])
+    assert res_idle[0][0] == {}
+
+
+def test_embedding_and_output_head_left_out_by_default():
+    from distreg.hooks.regularizers._common import io_weight_names
+    from distreg.models.llama import Llama, LlamaArgs
+
+    model = Llama(LlamaArgs(vocab_size=32, dim=8, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16, max_seq_len=8))
+    assert io_weight_names(model) == {"tok_embeddings.weight", "output.weight"}
+    assert io_weight_names(Net({k: tuple(v.shape) for k, v in MATS.items()})) == set()
+
+    for include_io, expect_out in ((False, False), (True, True)):
+        h = hook("orthogonality", include_io=include_io)
+        ctx = HookContext(comm=Comm(), strategy="test", model=model, sharded=False,
+                          shards_fn=lambda: [ParamShard(n, p.shape, 0, p.numel(), True, lambda p=p: p.detach(),
+                                                        lambda v: None, lambda: None)
+                                             for n, p in model.named_parameters()])
+        names = [s.name for s in h.shards(ctx)]
+        assert ("output.weight" in names) == expect_out and "tok_embeddings.weight" not in names
+        assert "layers.0.attention.wq.weight" in names
 
 
 @pytest.mark.parametrize("world,mode", SPLITS)

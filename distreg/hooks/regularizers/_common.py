@@ -103,6 +103,35 @@ def layer_weight_names(model: nn.Module) -> list[str]:
     return out
 
 
+# Top-level modules that are a model's output head (llama `output`, HF `lm_head`,
+# torchvision `fc` / `classifier` / `head`): left out of the matrix penalties by default.
+OUTPUT_HEADS = ("output", "lm_head", "fc", "classifier", "head")
+
+
+def io_weight_names(model: nn.Module) -> set[str]:
+    """Weights of the embedding tables and the output head: the vocabulary-sized matrices
+    that dominate a Gram/SVD penalty's cost (a 32000 x 512 head costs more than all
+    blocks of a small Llama together) and that the methods' papers do not constrain.
+    Output head = a top-level Linear named in OUTPUT_HEADS, or any Linear shaped like an
+    embedding table (a tied or untied LM head)."""
+    out, tables = set(), set()
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Embedding):
+            out.add(f"{name}.weight")
+            tables.add(tuple(mod.weight.shape))
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and (name in OUTPUT_HEADS or tuple(mod.weight.shape) in tables):
+            out.add(f"{name}.weight")
+    return out
+
+
+class EveryParams(Hook.Params):
+    """`every` for a penalty whose cost is per application, not per step."""
+
+    every: int = Field(1, gt=0, description="apply on steps s with s % every == 0, gradient x every (the same "
+                                            "mean force per step as every step)")
+
+
 def select_shards(ctx: HookContext, include: list[str], exclude: list[str], candidates: list[str] | None,
                   hook: str) -> list[ParamShard]:
     """This rank's shards of the participating parameters, in model order (the same list on

@@ -36,8 +36,10 @@ from distreg.hooks.regularizers._common import (
     ValuesHook,
     F64,
     SelectParams,
+    EveryParams,
     add_to_grad,
     gather_full,
+    io_weight_names,
     layer_weight_names,
     local_rows,
     local_slice,
@@ -50,7 +52,7 @@ from distreg.hooks.regularizers._common import (
 from distreg.regularizers import (
     low_rank_project,
     low_rank_project_gram,
-    soft_orthogonality,
+    soft_orthogonality_grad,
     standardized_moments,
     trp_matrix,
     trp_unmatrix,
@@ -77,6 +79,9 @@ class _ParamPenalty(ValuesHook):
     def shards(self, ctx: HookContext) -> list[ParamShard]:
         if self.names is None:
             cands = None if self.candidates_all else layer_weight_names(ctx.model)
+            if cands is not None and not getattr(self.params, "include_io", True):
+                io = io_weight_names(ctx.model)
+                cands = [c for c in cands if c not in io]
             shards = select_shards(ctx, self.params.include, self.params.exclude, cands, self.name)
             self.names = [s.name for s in shards]
             return shards
@@ -93,9 +98,17 @@ class _ParamPenalty(ValuesHook):
 
 
 
+class MatrixParams(SelectParams):
+    include_io: bool = Field(False, description="also the embedding tables and the output head (left out by default)")
+
+
 class _MatrixPenalty(_ParamPenalty):
     def plan(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         self.routes = plan_routes(ctx, shards, getattr(self.params, "route", "auto"))
+
+    def due(self, ctx: HookContext) -> bool:
+        """Applied in the step that `ctx.step` (completed steps) starts, every `every`."""
+        return ctx.step % getattr(self.params, "every", 1) == 0
 
 
 # --------------------------------------------------------------------------- orthogonality
@@ -109,17 +122,24 @@ class Orthogonality(_MatrixPenalty):
     one (`auto`, default). `milestones` {step: factor} gives SRIP-style piecewise-constant
     coefficient decays. Metrics: `penalty` (coef * error), `error` (sum over layers of
     ||Gram - I||^2), `error_mean` (per layer), `coef`.
-    Communication per step: per matrix one [D, D] float64 all-reduce (route gram) or one
-    all-gather of the matrix (route gather); none under DDP."""
+    Communication per applied step: per matrix one [D, D] all-reduce (route gram) or one
+    all-gather of the matrix (route gather); none under DDP.
+    Cost: `every: N` applies it on every N-th step with the gradient times N (the same
+    mean force, as with gradient accumulation); the embedding tables and output head are
+    left out unless `include_io`; the Gram and the gradient (closed form 4 W (G - I), no
+    autograd) are formed in the parameter's dtype (`precision: param`; the squared error
+    is summed in float64) - `precision: fp64` forms them in float64, for metrics exact to
+    round-off (the tests' 1e-10 checks); fp32 products agree to ~1e-6 relative."""
 
     name = "orthogonality"
 
-    class Params(SelectParams):
+    class Params(MatrixParams, EveryParams):
         coef: float = Field(1e-4, ge=0, description="penalty coefficient (lambda)")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         side: Literal["auto", "rows", "cols"] = "auto"
         squared: bool = True
         route: Literal["auto", "gram", "gather"] = "auto"
+        precision: Literal["param", "fp64"] = "param"
 
     params: "Orthogonality.Params"
 
@@ -129,23 +149,30 @@ class Orthogonality(_MatrixPenalty):
     def term(self, ctx: HookContext, shard: ParamShard, route: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(value, this rank's slice of d value / d W) for one matrix."""
         p = self.params
+        dtype = F64 if p.precision == "fp64" else None
+        _, d = matrix_shape(shard)
         if route == "gram":
-            leaf = local_rows(shard).requires_grad_()
-            value = soft_orthogonality(leaf, p.side, p.squared, comm=ctx.comm)
-            return value.detach(), torch.autograd.grad(value, leaf)[0].reshape(-1)
-        full = (gather_full(ctx, shard) if route == "gather" else local_rows(shard)).requires_grad_()
-        value = soft_orthogonality(full, p.side, p.squared)
-        return value.detach(), local_slice(shard, torch.autograd.grad(value, full)[0])
+            rows = shard.data().detach().reshape(-1, d)
+            value, grad = soft_orthogonality_grad(rows, p.side, p.squared, comm=ctx.comm, gram_dtype=dtype)
+            return value, grad.reshape(-1)
+        full = gather_full(ctx, shard) if route == "gather" else shard.data().detach().reshape(-1, d)
+        if route == "gather" and dtype is None:
+            full = full.to(shard.data().dtype)
+        value, grad = soft_orthogonality_grad(full, p.side, p.squared, gram_dtype=dtype)
+        return value, local_slice(shard, grad)
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not self.due(ctx):
+            return
         coef = self.coef(ctx.step)
+        scale = coef * self.params.every
         total = torch.zeros((), dtype=F64)
         shards = self.shards(ctx)
         for shard, route in zip(shards, self.routes):
             value, grad = self.term(ctx, shard, route)
             total += value
             if coef:
-                add_to_grad(shard, coef * grad)
+                add_to_grad(shard, scale * grad)
         self.values = {"penalty": float(coef * total), "error": float(total),
                        "error_mean": float(total) / len(shards), "coef": coef}
 
@@ -200,11 +227,12 @@ class NuclearNorm(_MatrixPenalty):
     <W, U V^T> (a dot product over local elements, one scalar all-reduce). Metrics:
     `penalty`, `value` (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
     Communication: per matrix the Gram all-reduce (+ the eigenbasis broadcast from rank 0)
-    or a gather + the owner's broadcast of U V^T."""
+    or a gather + the owner's broadcast of U V^T. `every: N`: applied on every N-th step,
+    subgradient times N; embedding tables and output head left out unless `include_io`."""
 
     name = "nuclear_norm"
 
-    class Params(SelectParams):
+    class Params(MatrixParams, EveryParams):
         coef: float = Field(3e-4, ge=0, description="penalty coefficient (lambda)")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         route: Literal["auto", "gram", "gather"] = "auto"
@@ -212,6 +240,8 @@ class NuclearNorm(_MatrixPenalty):
     params: "NuclearNorm.Params"
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not self.due(ctx):
+            return
         coef = self.params.coef * schedule_factor(self.params.milestones, ctx.step)
         dots, ranks = torch.zeros((), dtype=F64), []
         for i, (shard, route) in enumerate(zip(self.shards(ctx), self.routes)):
@@ -219,7 +249,7 @@ class NuclearNorm(_MatrixPenalty):
             dots += torch.dot(shard.data().detach().to(F64).reshape(-1), sub)
             ranks.append(k)
             if coef:
-                add_to_grad(shard, coef * sub)
+                add_to_grad(shard, coef * self.params.every * sub)
         value = float(ctx.sum_over_shards(dots.reshape(1)))
         self.values = {"penalty": coef * value, "value": value, "rank_mean": sum(ranks) / len(ranks), "coef": coef}
 
@@ -236,11 +266,13 @@ class TrainedRankPruning(_MatrixPenalty):
     Kinds VH / ND (conv) always take the gather route. Metrics: `rank_mean`, `rank_ratio`
     (sum k / sum max rank), `truncated_nuclear` (sum_i<=k sigma_i), `penalty`
     (nuclear_weight * truncated_nuclear), `projected_at` (last projection step).
-    Communication per projection: as `nuclear_norm` + one scalar all-reduce."""
+    Communication per projection: as `nuclear_norm` + one scalar all-reduce. `period` is
+    this hook's `every` (the projection is a weight edit, not a gradient: nothing to
+    scale); embedding tables and output head left out unless `include_io`."""
 
     name = "trained_rank_pruning"
 
-    class Params(SelectParams):
+    class Params(MatrixParams):
         period: int = Field(1, gt=0, description="steps between projections (m)")
         energy: float = Field(0.9, gt=0, le=1, description="energy threshold e on sum sigma^2")
         projection: bool = True

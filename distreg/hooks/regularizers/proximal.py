@@ -5,7 +5,7 @@ Per participating layer weight W (as a matrix [out, in*k*k]) the elements are sp
 groups: `rows` (output units / filters), `cols` (input channels) or `elements`
 (unstructured), with weights d_i = 1 (`group_weights: one`) or the group size (`size`).
 After the optimizer step (whose result stands for θ - η∇L), with η the learning rate of
-that step (`lr` overrides it) and α = η λ:
+that step (`lr` overrides it) and α = η λ (× `every` when it runs every N-th step):
 
     objective dc_gap (default):  θ <- prox_{α S_k}(θ_step + α D θ_old)
     objective envelope:          θ <- prox_{α S_k}(θ_step)
@@ -55,7 +55,10 @@ class GroupEnvelope(_ParamPenalty):
         group_weights: Literal["one", "size"] = "one"
         objective: Literal["dc_gap", "envelope"] = "dc_gap"
         lr: float | None = Field(None, gt=0, description="η of the prox (default: the step's learning rate)")
-        every: int = Field(1, gt=0, description="apply after every `every`-th step")
+        include_io: bool = Field(False, description="also the embedding tables and the output head (left out by "
+                                                    "default)")
+        every: int = Field(1, gt=0, description="apply after every `every`-th step, with alpha = eta * lam * every "
+                                                "(the prox of N steps' worth of penalty: the same mean force)")
 
         @model_validator(mode="after")
         def _one_k(self):
@@ -99,7 +102,7 @@ class GroupEnvelope(_ParamPenalty):
         if not self.due(ctx.step):
             return
         p = self.params
-        alpha = self.eta * p.lam
+        alpha = self.eta * p.lam * p.every
         comm = ctx.comm if ctx.sharded else None
         shards = self.shards(ctx)
         partial, layouts = [], []

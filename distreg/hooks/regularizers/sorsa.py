@@ -134,6 +134,8 @@ class Sorsa(ValuesHook):
         mode: Literal["code", "decoupled"] = "code"
         init_from: str | None = Field(None, description="pretrained weights: a distreg checkpoint or a state-dict file")
         freeze_others: bool = Field(True, description="freeze every non-adapter parameter (reference)")
+        every: int = Field(1, gt=0, description="apply the regulariser on steps s with s % every == 0, its gradient "
+                                                "(or decoupled step) x every: the same mean force per step")
 
     params: "Sorsa.Params"
 
@@ -257,11 +259,14 @@ class Sorsa(ValuesHook):
         return va, vb, grads
 
     def after_backward(self, ctx: HookContext) -> None:
+        self.pending = []
+        if ctx.step % self.params.every:
+            return
         va, vb, grads = self.terms(ctx)
         n_mat = 2 * len(va)
         reg = (sum(va) + sum(vb)) / n_mat
-        step = self.coef / n_mat  # d(coef * L_orth) = coef / (2L) * sum of the term gradients
-        self.pending = []
+        # d(coef * L_orth) = coef / (2L) * sum of the term gradients; x every on due steps
+        step = self.coef / n_mat * self.params.every
         if self.params.gamma > 0:
             if self.params.mode == "code":
                 for shard, g in grads:
