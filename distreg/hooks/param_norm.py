@@ -28,8 +28,10 @@ class ParamNorm(Hook):
     @staticmethod
     @torch.no_grad()
     def compute(ctx: HookContext) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
-        for shard in ctx.local_shards():
+        shards = ctx.local_shards()
+        # The accumulator lives where the shards do (a CPU one cannot take CUDA values).
+        sq = torch.zeros((), dtype=torch.float64, device=shards[0].data().device if shards else None)
+        for shard in shards:
             sq += shard.data().double().pow(2).sum()
         return float(ctx.sum_over_shards(sq).sqrt())
 

@@ -70,7 +70,8 @@ class StatHook(ValuesHook):
         return self.params.metrics_prefix or self.name
 
     def accumulate(self, local: torch.Tensor) -> None:
-        local = local.detach().to(F64).cpu()
+        # Stays on the device: a .cpu() here would be a host sync every micro-batch.
+        local = local.detach().to(F64)
         self._acc = local if self._acc is None else self._acc + local
 
     def reduced(self, ctx: HookContext, size: int) -> torch.Tensor:

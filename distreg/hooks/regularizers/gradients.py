@@ -64,7 +64,7 @@ class PerpGrad(ValuesHook):
             raise RuntimeError(f"perp_grad: no gradient for {missing[:3]}")
         thetas = [s.data() for s in shards]
         new = orthograd(thetas, grads, p.scope, p.renorm, p.eps, ctx.comm if ctx.sharded else None)
-        local = torch.zeros(4, dtype=F64)
+        local = torch.zeros(4, dtype=F64, device=thetas[0].device if thetas else None)
         for t, g, n in zip(thetas, grads, new):
             t, g, n = t.detach().to(F64), g.detach().to(F64), n.detach().to(F64)
             local += torch.stack([torch.dot(t, g), torch.dot(t, t), torch.dot(g, g), torch.dot(n, n)])
