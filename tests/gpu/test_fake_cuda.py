@@ -28,7 +28,8 @@ PARAMS = {
     "fail_once": {"step": 10_000, "run_dir": "unused"},
     "group_envelope": {"lam": 1e-3, "k_fraction": 0.5},
     "layer_adaptive": {"sparsity": 0.5, "num_levels": 4, "max_level": 0.9},
-    "magnitude_pruning": {"sparsity": 0.5, "start_step": 1, "end_step": 3, "frequency": 1},
+    "magnitude_pruning": {"sparsity": 0.5, "start_step": 1, "end_step": 2, "frequency": 1},
+    "hessian_trace": {"max_probes": 1},
     "mba_l2": {"lam": 0.01},
     "nested_dropout": {"sigma": 3.0},
     "ps_kd": {"num_epochs": 2},
@@ -46,7 +47,7 @@ TASK = {"elr": "classify", "ps_kd": "classify", "cs_ib": "regress"}
 # Hooks whose schedules act on values (radix-select counts): the host-read stand-ins make
 # their value checks fail with a ValueError, after the device-relevant code has run.
 VALUE_CHECKED = {"layer_adaptive"}
-STEPS, MICRO = 4, 2
+STEPS, MICRO = 2, 2
 VOCAB, SEQ, BATCH = 64, 8, 4
 
 
@@ -100,7 +101,7 @@ def sample_loss(task: str, out, target):
 def run_on_fake_cuda(name: str, tmp_path) -> None:
     cls = hook_class(name)
     hook = cls(cls.Params.model_validate(_params(name)))
-    mcfg = ModelConfig(preset="llama-tiny", vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+    mcfg = ModelConfig(preset="llama-tiny", vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
                        max_seq_len=SEQ)
     task = TASK.get(name, "lm")
     with fake_cuda_mode():
