@@ -335,4 +335,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     from distreg.hooks.registry import validate_hook_specs
 
     validate_hook_specs(cfg.hooks, source)
+    from distreg.runtime.precision import check_precision
+
+    check_precision(cfg, source)
     return cfg

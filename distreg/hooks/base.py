@@ -144,6 +144,9 @@ class Hook:
 
     name: str = ""
     replaces_loss: bool = False  # two hooks that replace the loss cannot be combined
+    # Writes reduced gradients in after_backward (`write_grad`): refused where the
+    # gradients it sees are loss-scaled (DeepSpeed fp16). tests/gpu checks the declaration.
+    writes_gradients: bool = False
     # Parameters holding local file paths: made absolute in the driver before the config
     # travels to Ray workers, whose working directory differs (`resolve_paths`).
     path_params: tuple[str, ...] = ()

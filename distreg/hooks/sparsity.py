@@ -483,6 +483,7 @@ class MaskSparsity(Hook):
     Metrics: `<prefix>/penalised_fraction`, `<prefix>/penalised_abs_mean` (mean |gamma| of
     the penalised channels) and `<prefix>/penalised_below_threshold`. State: the local
     mask slices. Needs `ParamShard.write_grad` (DDP, FSDP2, ZeRO-3; not fp16 loss scaling)."""
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
 
     name = "mask_sparsity"
     path_params = ("mask_file",)

@@ -25,6 +25,7 @@ from distreg.models import build_model, materialize
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
+from distreg.runtime.precision import check_precision
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
@@ -53,6 +54,7 @@ class Trainer:
             raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} but {self.comm.world_size} ranks are running")
         torch.manual_seed(cfg.train.seed)  # identical on every rank: hooks key their randomness on it
         check_moe_setup(cfg, self.comm.world_size)  # MoE checks that need the world size (no-op when dense)
+        check_precision(cfg)  # also for configs that did not come through load_config
 
         self.hooks = build_hooks(cfg.hooks)
         self.strategy = build_strategy(cfg, self.comm, self.device)
@@ -223,12 +225,26 @@ def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: i
     tmp.replace(path)
 
 
+def worker_device(cfg: RunConfig) -> torch.device:
+    """The device Ray Train assigned to this worker (right with gpus_per_worker > 1 and
+    whatever CUDA_VISIBLE_DEVICES Ray set); LOCAL_RANK outside Ray Train (spawned tests)."""
+    if not (cfg.scaling.use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized():  # a Ray Train worker: Ray picked the GPU (ray.get_gpu_ids())
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:  # a process spawned by distreg.testing / torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
     """Entry point on every rank (Ray Train worker or a spawned test process); the
     process group is already initialised by the launcher."""
     cfg = RunConfig.model_validate(config)
-    device = torch.device("cpu")
-    if cfg.scaling.use_gpu and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    device = worker_device(cfg)
     return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at)

@@ -5,7 +5,8 @@ than a 0-dim scalar, which CUDA kernels accept too) raises, as it would on a GPU
 
 Covered per hook: prepare_model, on_train_start, loss (every micro-batch), after_backward
 (on gradients set on the fake device: the autograd engine needs a real CUDA context),
-after_step and metrics, over enough steps to pass each hook's schedule once.
+after_step and metrics, over enough steps to pass each hook's schedule once; a hook that
+writes gradients must declare `writes_gradients` (the DeepSpeed fp16 refusal uses it).
 """
 from __future__ import annotations
 
@@ -61,14 +62,14 @@ def _params(name: str) -> dict:
     return params
 
 
-def _shards(model) -> list[ParamShard]:
+def _shards(model, written: list) -> list[ParamShard]:
     out = []
     for name, p in model.named_parameters():
         flat = p.data.view(-1)
         out.append(ParamShard(
             name, p.shape, 0, p.numel(), True, _read=lambda flat=flat: flat, _write=lambda v, flat=flat: flat.copy_(v),
             _grad=lambda p=p: None if p.grad is None else p.grad.view(-1),
-            _write_grad=lambda v, p=p: p.grad.view(-1).copy_(v)))
+            _write_grad=lambda v, p=p, name=name: (written.append(name), p.grad.view(-1).copy_(v))))
     return out
 
 
@@ -98,7 +99,8 @@ def sample_loss(task: str, out, target):
     return per_sample_loss(out, target)
 
 
-def run_on_fake_cuda(name: str, tmp_path) -> None:
+def run_on_fake_cuda(name: str, tmp_path) -> list[str]:
+    """Runs the hook's events; returns the parameters whose gradients it wrote."""
     cls = hook_class(name)
     hook = cls(cls.Params.model_validate(_params(name)))
     mcfg = ModelConfig(preset="llama-tiny", vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
@@ -113,7 +115,8 @@ def run_on_fake_cuda(name: str, tmp_path) -> None:
         ctx = HookContext(comm=Comm(), strategy="ddp", model=model, grad_accum_steps=MICRO, run_dir=str(tmp_path),
                           model_config=mcfg, num_samples=64, lr_fn=lambda: 1e-3, base_lr=1e-3)
         hook.prepare_model(model, ctx)
-        ctx.shards_fn = lambda: _shards(model)
+        written: list[str] = []
+        ctx.shards_fn = lambda: _shards(model, written)
         hook.on_train_start(ctx)
         for step in range(STEPS):
             for m in range(MICRO):
@@ -136,6 +139,7 @@ def run_on_fake_cuda(name: str, tmp_path) -> None:
             hook.after_step(ctx)
             hook.metrics()
         hook.state_dict()
+    return written
 
 
 @pytest.mark.parametrize("name", [n for n in available() if n not in SKIP])
@@ -146,7 +150,9 @@ def test_hook_runs_on_fake_cuda(name, tmp_path):
         except ValueError as e:  # a stand-in value, never a device mix (RuntimeError)
             assert "cannot select" in str(e), e
         return
-    run_on_fake_cuda(name, tmp_path)
+    written = run_on_fake_cuda(name, tmp_path)
+    # The DeepSpeed fp16 refusal relies on hooks declaring their gradient writes.
+    assert hook_class(name).writes_gradients or not written, f"{name}: wrote gradients {written[:3]} undeclared"
 
 
 def test_harness_catches_a_cpu_accumulator():
@@ -168,3 +174,19 @@ def test_loss_path_on_fake_cuda():
         loss = per_sample_loss(logits, target)
         w = reduction_weights(target, "sample", 2.0)
         assert loss.device == w.device == valid_counts(target).device == FAKE_CUDA
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["strategy.name=fsdp2", "strategy.mixed_precision.param_dtype=fp16"], "param_dtype=fp16"),
+    (["strategy.name=ddp", "strategy.mixed_precision.param_dtype=fp16"], "param_dtype=fp16"),
+    (["strategy.name=ddp", "strategy.mixed_precision.reduce_dtype=bf16"], "reduce_dtype=bf16"),
+    (["strategy.name=deepspeed", "strategy.mixed_precision.param_dtype=fp16", "hooks=[{name: perp_grad}]"], "perp_grad"),
+])
+def test_unsupported_precision_refused_at_config_time(overrides, field):
+    from distreg.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=field):
+        load_config(None, overrides)
+    # Supported neighbours load: bf16 everywhere, DeepSpeed fp16 without gradient writers.
+    load_config(None, ["strategy.name=ddp", "strategy.mixed_precision.param_dtype=bf16"])
+    load_config(None, ["strategy.name=deepspeed", "strategy.mixed_precision.param_dtype=fp16", "hooks=[{name: param_norm}]"])

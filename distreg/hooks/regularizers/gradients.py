@@ -29,6 +29,7 @@ from distreg.regularizers import orthograd
 
 @register
 class PerpGrad(ValuesHook):
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
     name = "perp_grad"
 
     class Params(SelectParams):

@@ -60,6 +60,7 @@ from distreg.regularizers._dist import active
 
 class _ParamPenalty(ValuesHook):
     """Participants (layer weights by default), routes, metrics and state plumbing."""
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
 
     params: SelectParams
     candidates_all = False  # True: every trainable parameter is a candidate, not only layer weights

@@ -46,6 +46,7 @@ from distreg.regularizers import group_sq_norms, sparse_envelope_gap, wgsef_prox
 @register
 class GroupEnvelope(_ParamPenalty):
     name = "group_envelope"
+    writes_gradients = False  # a proximal step on the weights; gradients untouched
 
     class Params(SelectParams):
         lam: float = Field(gt=0, description="lambda (no verified default)")

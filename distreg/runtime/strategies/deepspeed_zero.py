@@ -43,6 +43,9 @@ class DeepSpeedStrategy(Strategy):
             "zero_optimization": {"stage": cfg.strategy.zero_stage},
             "bf16": {"enabled": mp.param_dtype == "bf16"},
             "fp16": {"enabled": mp.param_dtype == "fp16"},
+            # Gradient reduction dtype (FSDP2's reduce_dtype); DeepSpeed's default follows
+            # the parameters (bf16 reductions under bf16).
+            "communication_data_type": mp.reduce_dtype,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,

@@ -74,9 +74,16 @@ class DDPStrategy(_TorchStrategy):
         self._build_optim()
 
     def accumulation_context(self, last_micro: bool):
+        import contextlib
+
+        stack = contextlib.ExitStack()
         if not last_micro and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        return super().accumulation_context(last_micro)
+            stack.enter_context(self.model.no_sync())
+        dtype = DTYPES[self.cfg.strategy.mixed_precision.param_dtype]
+        if dtype != torch.float32:
+            # bf16 compute over fp32 weights (fp16 is refused at config time: no scaler).
+            stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        return stack
 
     def local_shards(self) -> list[ParamShard]:
         out = []
