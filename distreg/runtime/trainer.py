@@ -26,7 +26,8 @@ from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
 from distreg.runtime.precision import check_precision
-from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
+from distreg.runtime.loss import StepCounts, known_counts, local_counts, per_sample_loss, reduction_weights
+from distreg.runtime.step_metrics import StepMetricBuffer
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
 from distreg.tracking.progress import Progress
@@ -82,6 +83,7 @@ class Trainer:
         self.ctx.num_samples = getattr(self.data, "num_samples", None)
         self.ctx.epoch_fn = lambda: getattr(self.data, "epoch", 0)
         self.step = 0
+        self.step_metrics = StepMetricBuffer(self.comm, self.device)
         self.tracker = None
         if track and self.is_main:
             from distreg.tracking.mlflow_tracker import MlflowTracker
@@ -91,12 +93,36 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self) -> tuple[float, float, StepCounts]:
-        """Returns (global step loss, grad norm, global counts of the step)."""
+        """One step, then its metrics read back: (global step loss, grad norm, global
+        counts). For tests and tools; `fit` uses `step_on_device` and reads metrics back
+        only on logging steps."""
+        self.step_on_device()
+        (rec,), _ = self.step_metrics.flush()
+        return rec.loss, rec.grad_norm, StepCounts(rec.tokens, rec.samples)
+
+    def _to_device(self, batches: list[dict]) -> list[dict]:
+        """Host -> device copies: pinned and non-blocking on CUDA, all micro-batches issued
+        up front so the copy of micro-batch m+1 overlaps the compute of micro-batch m."""
+        if self.device.type != "cuda":
+            return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
+        return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+
+    def step_on_device(self) -> None:
+        """One optimizer step with no host read: the loss, gradient norm and counts stay
+        on the device in `self.step_metrics` (flushed by `_log` on logging steps).
+        Collectives besides the strategy's own: none when the data guarantees the counts
+        (packed token windows), else one all-reduce of the counts before the forward."""
         cfg, world = self.cfg, self.comm.world_size
-        micro_batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.data.next_step()]
-        counts = step_counts(micro_batches, self.comm)
-        denom = counts.denominator(cfg.train.loss_reduction)
-        step_loss = torch.zeros((), dtype=torch.float64)
+        micro_batches = self._to_device(self.data.next_step())
+        known = known_counts(self.data, cfg.train.global_batch_size, getattr(cfg.data, "seq_len", None))
+        local = None
+        if known is not None:
+            denom = float(known[0] if cfg.train.loss_reduction == "token" else known[1])
+        else:
+            local = local_counts(micro_batches)
+            glob = self.comm.all_reduce(local.clone())
+            denom = glob[0] if cfg.train.loss_reduction == "token" else glob[1]  # stays on the device
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m
@@ -114,7 +140,7 @@ class Trainer:
                 # The strategies average gradients over ranks, hence * world; penalties
                 # count once per optimizer step, hence / grad_accum.
                 self.strategy.backward(sample_part * world + penalty / len(micro_batches), last)
-            step_loss += sample_part.detach().double().cpu() + penalty.detach().double().cpu() / (len(micro_batches) * world)
+            step_loss += sample_part.detach().double() + penalty.detach().double() / (len(micro_batches) * world)
         for hook in self.hooks:
             hook.after_backward(self.ctx)
         grad_norm = self.strategy.step()
@@ -122,7 +148,7 @@ class Trainer:
         self.ctx.step = self.step
         for hook in self.hooks:
             hook.after_step(self.ctx)
-        return float(self.comm.all_reduce(step_loss)), grad_norm, counts
+        self.step_metrics.add(self.step, step_loss, grad_norm, local, known)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -146,13 +172,9 @@ class Trainer:
         try:
             while self.step < last:
                 t0 = time.perf_counter()
-                loss, grad_norm, counts = self.train_step()
-                dt = time.perf_counter() - t0
-                result.losses[self.step] = loss
-                result.step_times.append(dt)
-                result.tokens_per_s.append(counts.tokens / dt)
-                self._log(loss, grad_norm, counts, dt)
-                progress.update(self.step, loss, counts.tokens / dt, self.data.unit + "/s")
+                self.step_on_device()
+                result.step_times.append(time.perf_counter() - t0)  # host time (the device may run behind)
+                self._log(result, progress, last)
                 every = cfg.checkpoint.every
                 if (every and self.step % every == 0) or self.step == last:
                     result.checkpoint = self.save()
@@ -166,13 +188,31 @@ class Trainer:
             write_summary(Path(cfg.run_dir) / "summary.json", result, cfg, self.comm.world_size)
         return result
 
-    def _log(self, loss: float, grad_norm: float, counts: StepCounts, dt: float) -> None:
+    def _log(self, result: TrainResult, progress: Progress, last: int) -> None:
+        """On logging steps (train.log_every, and the last step) only: read the interval's
+        metrics back (one all-reduce, one host read), record every buffered step's loss in
+        `result` and MLflow (`train/loss` per step, sent now), throughput over the interval."""
+        if not (self.step % self.cfg.train.log_every == 0 or self.step == last):
+            return
+        records, elapsed = self.step_metrics.flush()
+        if not records:
+            return
+        dt = elapsed / len(records)  # mean step time of the interval
+        tokens, samples = sum(r.tokens for r in records), sum(r.samples for r in records)
+        for r in records:
+            result.losses[r.step] = r.loss
+        result.tokens_per_s.append(tokens / max(elapsed, 1e-12))
+        rec = records[-1]
+        progress.update(self.step, rec.loss, (tokens if self.data.unit == "tok" else samples) / max(elapsed, 1e-12),
+                        self.data.unit + "/s")
         if self.tracker is None:
             return
-        metrics = {"train/loss": loss, "train/lr": self.strategy.lr(), "train/grad_norm": grad_norm,
-                   "train/step_time_s": dt, "train/samples_per_s": counts.samples / dt}
+        for r in records[:-1]:
+            self.tracker.log_metrics(r.step, {"train/loss": r.loss, "train/grad_norm": r.grad_norm})
+        metrics = {"train/loss": rec.loss, "train/lr": self.strategy.lr(), "train/grad_norm": rec.grad_norm,
+                   "train/step_time_s": dt, "train/samples_per_s": samples / max(elapsed, 1e-12)}
         if self.data.unit == "tok":
-            metrics["train/tokens_per_s"] = counts.tokens / dt
+            metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-12)
         metrics.update(self.data.metrics())
         for hook in self.hooks:
             metrics.update(hook.metrics())

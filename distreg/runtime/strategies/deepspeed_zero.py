@@ -93,8 +93,8 @@ class DeepSpeedStrategy(Strategy):
         # Called once per optimizer step, after the last micro-batch's backward: the
         # engine's micro-step counter is at the accumulation boundary here.
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.model.get_global_grad_norm()  # the engine's own (it read it back already)
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64)
 
     def lr(self) -> float:
         return self.model.get_lr()[0]

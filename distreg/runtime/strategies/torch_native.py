@@ -31,15 +31,19 @@ class _TorchStrategy(Strategy):
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         clip = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], clip)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=None)
         if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+            norm = norm.full_tensor()  # the one reduction of the norm (FSDP2: partial sums)
+        if clip != float("inf"):
+            # Scales by min(1, clip / norm) on the device: no host read, no second reduction.
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=None)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()  # on the device: read back on logging steps only
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
