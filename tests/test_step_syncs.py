@@ -7,6 +7,8 @@ AdamW on CUDA keeps it on the device) are not counted."""
 from __future__ import annotations
 
 import contextlib
+import json
+import statistics
 from unittest import mock
 
 import pytest
@@ -67,11 +69,12 @@ def per_call(trainer, name: str, active, counts) -> list[tuple[int, int]]:
 
 def test_step_sync_count(token_data, tmp_path):
     from distreg.runtime.loss import known_counts, step_counts
+    from distreg.runtime.mfu import model_flops_per_token
     from distreg.runtime.trainer import Trainer
 
     cfg = tiny_config(token_data, str(tmp_path), **{
         "scaling.num_workers": 1, "strategy.name": "ddp", "train.max_steps": 4, "train.log_every": 2,
-        "train.grad_accum_steps": 2, "hooks": "[{name: param_norm}]"})
+        "train.grad_accum_steps": 2, "hooks": "[{name: param_norm}]", "train.peak_tflops": 0.001})
     trainer = Trainer(cfg, Comm(), track=False)
     next_step, opt_step = trainer.data.next_step, trainer.strategy.optimizer.step
     with counting() as (counts, active):
@@ -98,6 +101,11 @@ def test_step_sync_count(token_data, tmp_path):
         # (hook metrics are read there too, by the MLflow path, off here).
         assert logs == [(0, 0), (1, 1), (0, 0), (1, 1)], counts["where"]
         assert sorted(result.losses) == [1, 2, 3, 4]
+        # MFU per logging interval (peak from train.peak_tflops here) in the summary.
+        summary = json.loads((tmp_path / "summary.json").read_text())
+        flops = model_flops_per_token(cfg)
+        assert result.mfu == pytest.approx([t * flops / 1e9 for t in result.tokens_per_s_per_device])
+        assert len(result.mfu) == 2 and summary["mfu"] == pytest.approx(statistics.median(result.mfu))
         # Data without the guarantee: one all-reduce of the counts per step, still no read.
         trainer.data.full_windows = False
         trainer.step_on_device()

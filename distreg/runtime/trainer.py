@@ -37,7 +37,10 @@ from distreg.tracking.progress import Progress
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global step loss
     step_times: list[float] = field(default_factory=list)  # seconds, this process's steps
-    tokens_per_s: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)  # per logging interval, all ranks
+    tokens_per_s_per_device: list[float] = field(default_factory=list)
+    mfu: list[float] = field(default_factory=list)  # per logging interval (runtime/mfu.py)
+    peak_device_mem_gb: float | None = None
     final_step: int = 0
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
@@ -202,9 +205,16 @@ class Trainer:
         for r in records:
             result.losses[r.step] = r.loss
         result.tokens_per_s.append(tokens / max(elapsed, 1e-12))
+        perf = self._throughput_metrics(tokens / max(elapsed, 1e-12))
+        result.tokens_per_s_per_device.append(perf["train/tokens_per_s_per_device"])
+        if "train/mfu" in perf:
+            result.mfu.append(perf["train/mfu"])
+        result.peak_device_mem_gb = perf.get("train/peak_device_mem_gb")
         rec = records[-1]
+        extra = "".join(f"  {label} {perf[k]:{fmt}}" for k, label, fmt in
+                        (("train/mfu", "mfu", ".1%"), ("train/peak_device_mem_gb", "mem", ".1f")) if k in perf)
         progress.update(self.step, rec.loss, (tokens if self.data.unit == "tok" else samples) / max(elapsed, 1e-12),
-                        self.data.unit + "/s")
+                        self.data.unit + "/s", extra + ("GiB" if "train/peak_device_mem_gb" in perf else ""))
         if self.tracker is None:
             return
         for r in records[:-1]:
@@ -213,10 +223,29 @@ class Trainer:
                    "train/step_time_s": dt, "train/samples_per_s": samples / max(elapsed, 1e-12)}
         if self.data.unit == "tok":
             metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-12)
+            metrics.update(perf)
         metrics.update(self.data.metrics())
         for hook in self.hooks:
             metrics.update(hook.metrics())
         self.tracker.log_metrics(self.step, metrics)
+
+    def _throughput_metrics(self, tokens_per_s: float) -> dict[str, float]:
+        """train/tokens_per_s_per_device, train/mfu (when the peak is known) and
+        train/peak_device_mem_gb (CUDA) for an interval's global token rate."""
+        from distreg.runtime import mfu
+
+        if not hasattr(self, "_mfu_inputs"):
+            self._mfu_inputs = (mfu.model_flops_per_token(self.cfg),
+                                mfu.peak_flops(mfu.device_name(self.device), self.cfg.train.peak_tflops))
+        flops, peak = self._mfu_inputs
+        per_device = tokens_per_s / self.comm.world_size
+        out = {"train/tokens_per_s_per_device": per_device}
+        if flops and peak:
+            out["train/mfu"] = per_device * flops / peak
+        mem = mfu.peak_memory_gb(self.device)
+        if mem is not None:
+            out["train/peak_device_mem_gb"] = mem
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> str:
@@ -254,6 +283,10 @@ def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: i
         "strategy": cfg.strategy.name, "world_size": world_size,
         "step_time_p50_s": times[len(times) // 2], "step_time_p90_s": times[int(0.9 * (len(times) - 1))],
         "tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
+        "tokens_per_s_per_device": (statistics.median(result.tokens_per_s_per_device)
+                                    if result.tokens_per_s_per_device else None),
+        "mfu": statistics.median(result.mfu) if result.mfu else None,
+        "peak_device_mem_gb": result.peak_device_mem_gb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
