@@ -102,6 +102,11 @@ class HookContext:
     lr_fn: Callable[[], float] | None = None  # the optimizer's current learning rate
     base_lr: float | None = None  # optim.lr: the schedule's peak learning rate
     model_config: Any = None  # the run's ModelConfig (hooks that build related models: teachers)
+    # Whether the step now running is a logging step (train.log_every, the last step):
+    # the only steps whose metrics() are read. A hook skips metric-only work (host
+    # reads, statistic all-reduces) when False; values it keeps may be 0-dim device
+    # tensors, read back in metrics().
+    metrics_due: bool = True
 
     @property
     def lr(self) -> float | None:

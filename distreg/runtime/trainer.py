@@ -99,7 +99,7 @@ class Trainer:
         """One step, then its metrics read back: (global step loss, grad norm, global
         counts). For tests and tools; `fit` uses `step_on_device` and reads metrics back
         only on logging steps."""
-        self.step_on_device()
+        self.step_on_device(metrics_due=True)  # the caller reads hook metrics after every step
         (rec,), _ = self.step_metrics.flush()
         return rec.loss, rec.grad_norm, StepCounts(rec.tokens, rec.samples)
 
@@ -110,7 +110,7 @@ class Trainer:
             return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
         return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
 
-    def step_on_device(self) -> None:
+    def step_on_device(self, metrics_due: bool | None = None) -> None:
         """One optimizer step with no host read: the loss, gradient norm and counts stay
         on the device in `self.step_metrics` (flushed by `_log` on logging steps).
         Collectives besides the strategy's own: none when the data guarantees the counts
@@ -126,6 +126,9 @@ class Trainer:
             glob = self.comm.all_reduce(local.clone())
             denom = glob[0] if cfg.train.loss_reduction == "token" else glob[1]  # stays on the device
         step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        upcoming = self.step + 1
+        self.ctx.metrics_due = (upcoming % cfg.train.log_every == 0 or upcoming == cfg.train.max_steps
+                                if metrics_due is None else metrics_due)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m

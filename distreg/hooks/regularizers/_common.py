@@ -44,10 +44,11 @@ class ValuesHook(Hook):
     prefix: str
 
     def metrics(self) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
+        # Values may be 0-dim device tensors: read back here, on logging steps only.
+        return {f"{self.prefix}/{k}": float(v) for k, v in self.values.items()}
 
     def state_dict(self) -> dict:
-        return {"values": dict(self.values)}
+        return {"values": {k: float(v) for k, v in self.values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.values = dict(state.get("values", {}))

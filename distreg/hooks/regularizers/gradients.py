@@ -71,6 +71,8 @@ class PerpGrad(ValuesHook):
             local += torch.stack([torch.dot(t, g), torch.dot(t, t), torch.dot(g, g), torch.dot(n, n)])
         for s, n in zip(shards, new):
             s.write_grad(n)
+        if not ctx.metrics_due:
+            return  # statistics only: no reduction, no host read off logging steps
         tg, tt, gg, nn_ = ctx.sum_over_shards(local).tolist()
         self.values = {"cos_before": tg / max((tt * gg) ** 0.5, 1e-300), "grad_norm_before": gg ** 0.5,
                        "grad_norm_after": nn_ ** 0.5}

@@ -147,8 +147,8 @@ class Orthogonality(_MatrixPenalty):
             total += value
             if coef:
                 add_to_grad(shard, coef * grad)
-        self.values = {"penalty": float(coef * total), "error": float(total),
-                       "error_mean": float(total) / len(shards), "coef": coef}
+        self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
+                       "error_mean": total / len(shards), "coef": coef}
 
 
 # --------------------------------------------------------------------------- nuclear norm / TRP
