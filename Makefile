@@ -2,7 +2,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install quickstart test bench
+.PHONY: install quickstart test bench gpu-check
 
 # torch/torchvision first and pinned: on the CI and dev machines they install from the
 # local wheel cache; everything else comes from PyPI.
@@ -22,3 +22,8 @@ test: install
 
 bench: install
 	$(PYTHON) benchmarks/overhead.py
+
+# On one NVIDIA GPU (< 8 min): CUDA-marked tests + throughput table. Without a GPU:
+# `benchmarks/gpu_check.sh --cpu-dry-run` exercises it on the CPU.
+gpu-check: install
+	benchmarks/gpu_check.sh

@@ -189,6 +189,9 @@ class TrainConfig(_Strict):
     grad_clip: float | None = Field(1.0, gt=0)
     loss_reduction: Literal["token", "sample"] = "token"
     log_every: int = Field(10, gt=0)
+    # Peak FLOP/s of one device for train/mfu, in TFLOP/s (default: the bf16 table in
+    # distreg/runtime/mfu.py for A100/H100/H200/B200; MFU is not reported when unknown).
+    peak_tflops: float | None = Field(None, gt=0)
 
 
 class ScalingConfig(_Strict):
@@ -415,4 +418,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     from distreg.hooks.registry import validate_hook_specs
 
     validate_hook_specs(cfg.hooks, source)
+    from distreg.runtime.precision import check_precision
+
+    check_precision(cfg, source)
     return cfg

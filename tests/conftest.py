@@ -8,6 +8,18 @@ import pytest
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
+def pytest_collection_modifyitems(config, items):
+    """`@pytest.mark.cuda` tests skip without a GPU (CI); benchmarks/gpu_check.sh runs them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run benchmarks/gpu_check.sh on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def token_data(tmp_path_factory) -> str:
     from distreg.data.tokens import synth_tokens

@@ -44,6 +44,7 @@ from distreg.data.tokens import TokenDataset
 
 class MixtureBatches:
     unit = "tok"
+    full_windows = True  # packed windows of every source: all targets valid
 
     def __init__(self, datasets: list[TokenDataset], names: list[str], weights: list[float], global_batch: int,
                  grad_accum: int, rank: int, world_size: int, seed: int, shuffle: bool = True,

@@ -239,6 +239,7 @@ class TokenBatches:
     """
 
     unit = "tok"  # what throughput counts
+    full_windows = True  # packed windows: every target valid (step counts need no collective)
 
     def __init__(self, dataset: TokenDataset, global_batch: int, grad_accum: int, rank: int, world_size: int,
                  seed: int, shuffle: bool = True, readahead_steps: int = 2):

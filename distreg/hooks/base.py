@@ -102,6 +102,11 @@ class HookContext:
     lr_fn: Callable[[], float] | None = None  # the optimizer's current learning rate
     base_lr: float | None = None  # optim.lr: the schedule's peak learning rate
     model_config: Any = None  # the run's ModelConfig (hooks that build related models: teachers)
+    # Whether the step now running is a logging step (train.log_every, the last step):
+    # the only steps whose metrics() are read. A hook skips metric-only work (host
+    # reads, statistic all-reduces) when False; values it keeps may be 0-dim device
+    # tensors, read back in metrics().
+    metrics_due: bool = True
 
     @property
     def lr(self) -> float | None:
@@ -144,6 +149,9 @@ class Hook:
 
     name: str = ""
     replaces_loss: bool = False  # two hooks that replace the loss cannot be combined
+    # Writes reduced gradients in after_backward (`write_grad`): refused where the
+    # gradients it sees are loss-scaled (DeepSpeed fp16). tests/gpu checks the declaration.
+    writes_gradients: bool = False
     # Parameters holding local file paths: made absolute in the driver before the config
     # travels to Ray workers, whose working directory differs (`resolve_paths`).
     path_params: tuple[str, ...] = ()

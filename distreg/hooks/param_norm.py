@@ -23,22 +23,32 @@ class ParamNorm(Hook):
 
     def __init__(self, params: "ParamNorm.Params"):
         super().__init__(params)
-        self.value: float | None = None
+        self._value: torch.Tensor | None = None  # on the device; read back in metrics()
+
+    @staticmethod
+    def compute(ctx: HookContext) -> float:
+        return float(ParamNorm.norm(ctx))
 
     @staticmethod
     @torch.no_grad()
-    def compute(ctx: HookContext) -> float:
-        sq = torch.zeros((), dtype=torch.float64)
-        for shard in ctx.local_shards():
+    def norm(ctx: HookContext) -> torch.Tensor:
+        shards = ctx.local_shards()
+        # The accumulator lives where the shards do (a CPU one cannot take CUDA values).
+        sq = torch.zeros((), dtype=torch.float64, device=shards[0].data().device if shards else None)
+        for shard in shards:
             sq += shard.data().double().pow(2).sum()
-        return float(ctx.sum_over_shards(sq).sqrt())
+        return ctx.sum_over_shards(sq).sqrt()
+
+    @property
+    def value(self) -> float | None:
+        return None if self._value is None else float(self._value)
 
     def on_train_start(self, ctx: HookContext) -> None:
-        self.value = self.compute(ctx)
+        self._value = self.norm(ctx)
 
     def after_step(self, ctx: HookContext) -> None:
         if ctx.step % self.params.every == 0:
-            self.value = self.compute(ctx)
+            self._value = self.norm(ctx)  # no host read: metrics() reads it on logging steps
 
     def metrics(self) -> dict[str, float]:
-        return {"hooks/param_norm": self.value} if self.value is not None else {}
+        return {"hooks/param_norm": self.value} if self._value is not None else {}

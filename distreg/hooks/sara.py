@@ -85,6 +85,7 @@ F64 = torch.float64
 @register
 class Sara(Hook):
     """SaRA sparse fine-tuning (see the module docstring for order, state and metrics)."""
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
 
     name = "sara"
 

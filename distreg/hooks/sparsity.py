@@ -105,7 +105,8 @@ def restore_masks(hook: str, state: dict, shards: list[ParamShard]) -> dict[str,
         diff = sorted(k for k in set(saved) | set(here) if saved.get(k) != here.get(k))
         raise ValueError(f"{hook}: checkpointed mask slices do not match this rank's shards "
                          f"({', '.join(diff[:3])}...): resume with the same world size and strategy")
-    return {k: v.clone() for k, v in state["masks"].items()}
+    device = {s.name: s.data().device for s in shards}
+    return {k: v.to(device.get(k), copy=True) for k, v in state["masks"].items()}
 
 
 class MaskHook(Hook):
@@ -146,7 +147,7 @@ class MaskHook(Hook):
         for s in shards:
             if self.pruned[s.name]:
                 w = s.data()
-                s.write(torch.where(self.masks[s.name], w, torch.zeros((), dtype=w.dtype)))
+                s.write(torch.where(self.masks[s.name].to(w.device), w, torch.zeros((), dtype=w.dtype)))
 
     def target(self, ctx: HookContext) -> float | None:
         """The sparsity this hook aims at now (logged as `<prefix>/target`)."""
@@ -254,7 +255,8 @@ class MaskHook(Hook):
         self.slices = {s.name: (s.flat_start, s.numel) for s in shards} if self.masks is not None else {}
 
     def set_masks(self, ctx: HookContext, shards: list[ParamShard], keep: list[torch.Tensor]) -> None:
-        self.masks = {s.name: k.reshape(-1).clone() for s, k in zip(shards, keep)}
+        # Masks live with the shards they mask (random/file masks are drawn on the CPU).
+        self.masks = {s.name: k.reshape(-1).to(s.data().device, copy=True) for s, k in zip(shards, keep)}
         self.slices = {s.name: (s.flat_start, s.numel) for s in shards}
         self._count_pruned(ctx, shards)
 
@@ -481,6 +483,7 @@ class MaskSparsity(Hook):
     Metrics: `<prefix>/penalised_fraction`, `<prefix>/penalised_abs_mean` (mean |gamma| of
     the penalised channels) and `<prefix>/penalised_below_threshold`. State: the local
     mask slices. Needs `ParamShard.write_grad` (DDP, FSDP2, ZeRO-3; not fp16 loss scaling)."""
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
 
     name = "mask_sparsity"
     path_params = ("mask_file",)
@@ -538,7 +541,7 @@ class MaskSparsity(Hook):
                     raise ValueError(f"{self.name}: {p.mask_file}: {s.name} has {full.numel()} channels, "
                                      f"the model {s.full_shape.numel()}")
                 out[s.name] = ~full.reshape(-1).bool()[s.flat_start:s.flat_start + s.numel]
-            return out
+            return {name: m.to(s.data().device) for (name, m), s in zip(out.items(), shards)}
         keep = [s.data().abs().clamp_min(1e-18) > p.threshold for s in shards]
         kept = ctx.sum_over_shards(torch.tensor([int(k.sum()) for k in keep], dtype=torch.int64)).tolist()
         ks = [min(p.min_channels, s.full_shape.numel()) if n < p.min_channels else 0 for s, n in zip(shards, kept)]
@@ -575,7 +578,7 @@ class MaskSparsity(Hook):
 
     @torch.no_grad()
     def update_stats(self, ctx: HookContext, shards: list[ParamShard]) -> None:
-        sums = torch.zeros(2, dtype=torch.float64)
+        sums = torch.zeros(2, dtype=torch.float64, device=shards[0].data().device if shards else None)
         for s in shards:
             a = s.data().abs().double()[self.masks[s.name]]
             sums += torch.stack([a.sum(), (a <= self.params.threshold).sum().double()])

@@ -59,7 +59,7 @@ def hutchinson_trace(loss: torch.Tensor, params: Sequence[torch.Tensor], seed: i
     samples: list[float] = []
     mean = 0.0
     for t in range(max_probes):
-        vs = [rademacher(seed, step, t, nm, st, p.numel(), p.dtype).view_as(p)
+        vs = [rademacher(seed, step, t, nm, st, p.numel(), p.dtype).to(p.device).view_as(p)
               for p, nm, st in zip(params, names, starts)]
         hv = hvp(grads, params, vs)
         local = sum(torch.dot(h.reshape(-1).double(), v.reshape(-1).double()) for h, v in zip(hv, vs))

@@ -124,9 +124,9 @@ def orth_loss(As: list[torch.Tensor], Bs: list[torch.Tensor]) -> torch.Tensor:
     differentiable (the reference formula; the hook uses `orth_norm` for the gradients)."""
     if len(As) != len(Bs) or not As:
         raise ValueError(f"orth_loss: needs one B per A and at least one layer, got {len(As)} A and {len(Bs)} B")
-    total = torch.zeros((), dtype=F64)
+    total = torch.zeros((), dtype=F64, device=As[0].device)
     for a, b in zip(As, Bs):
-        eye = torch.eye(a.shape[0], dtype=F64)
+        eye = torch.eye(a.shape[0], dtype=F64, device=a.device)
         total = total + torch.linalg.matrix_norm(a.to(F64) @ a.to(F64).t() - eye)
         total = total + torch.linalg.matrix_norm(b.to(F64).t() @ b.to(F64) - eye)
     return total / (2 * len(As))

@@ -45,16 +45,32 @@ class StepCounts:
         return float(self.tokens if reduction == "token" else self.samples)
 
 
-def step_counts(micro_batches: list[dict], comm: Comm) -> StepCounts:
-    """One all-reduce, before the first forward of the step."""
-    local = torch.zeros(2, dtype=torch.float64)
+def local_counts(micro_batches: list[dict]) -> torch.Tensor:
+    """This rank's [valid targets, samples with one] of the step (float64, on the
+    batches' device; no host read)."""
+    parts = []
     for b in micro_batches:
         n = valid_counts(b["target"])
-        local += torch.tensor([float(n.sum()), float((n > 0).sum())], dtype=torch.float64)
-    tokens, samples = comm.all_reduce(local).tolist()
+        parts.append(torch.stack([n.sum(), (n > 0).sum()]))
+    return torch.stack(parts).sum(0).double()
+
+
+def known_counts(data, global_batch: int, seq_len: int | None) -> tuple[int, int] | None:
+    """Global (tokens, samples) of every step when the data guarantees them, without a
+    collective: packed token windows (`data.full_windows`) hold seq_len valid targets
+    per sample, every sample of the global batch. None otherwise."""
+    if getattr(data, "full_windows", False) and seq_len:
+        return global_batch * seq_len, global_batch
+    return None
+
+
+def step_counts(micro_batches: list[dict], comm: Comm) -> StepCounts:
+    """One all-reduce and one host read, before the first forward of the step (the
+    Trainer itself keeps the reduced counts on the device instead)."""
+    tokens, samples = comm.all_reduce(local_counts(micro_batches)).tolist()
     return StepCounts(int(tokens), int(samples))
 
 
-def reduction_weights(target: torch.Tensor, reduction: str, denominator: float) -> torch.Tensor:
+def reduction_weights(target: torch.Tensor, reduction: str, denominator: float | torch.Tensor) -> torch.Tensor:
     n = valid_counts(target).float()
     return (n if reduction == "token" else (n > 0).float()) / denominator

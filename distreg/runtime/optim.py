@@ -22,8 +22,12 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer
     groups = param_groups(model, cfg.weight_decay)
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
-    # foreach=False: the per-tensor loop gives bitwise-identical updates whether the
-    # parameters are whole tensors, DTensor shards or ZeRO partitions.
+    # CPU: foreach=False, the per-tensor loop gives bitwise-identical updates whether the
+    # parameters are whole tensors, DTensor shards or ZeRO partitions (rank invariance).
+    # CUDA: the fused kernel (one launch for all parameters), as torchtitan uses.
+    on_cuda = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
+    if on_cuda:
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=True)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=False)
 
 

@@ -27,7 +27,9 @@ from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.compile import compile_blocks
 from distreg.runtime.comm import Comm
 from distreg.runtime.evaluate import Evaluator
-from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
+from distreg.runtime.precision import check_precision
+from distreg.runtime.loss import StepCounts, known_counts, local_counts, per_sample_loss, reduction_weights
+from distreg.runtime.step_metrics import StepMetricBuffer
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
 from distreg.tracking.progress import Progress
@@ -37,7 +39,10 @@ from distreg.tracking.progress import Progress
 class TrainResult:
     losses: dict[int, float] = field(default_factory=dict)  # step -> global step loss
     step_times: list[float] = field(default_factory=list)  # seconds, this process's steps
-    tokens_per_s: list[float] = field(default_factory=list)
+    tokens_per_s: list[float] = field(default_factory=list)  # per logging interval, all ranks
+    tokens_per_s_per_device: list[float] = field(default_factory=list)
+    mfu: list[float] = field(default_factory=list)  # per logging interval (runtime/mfu.py)
+    peak_device_mem_gb: float | None = None
     final_step: int = 0
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
@@ -56,6 +61,7 @@ class Trainer:
             raise ValueError(f"scaling.num_workers={cfg.scaling.num_workers} but {self.comm.world_size} ranks are running")
         torch.manual_seed(cfg.train.seed)  # identical on every rank: hooks key their randomness on it
         check_moe_setup(cfg, self.comm.world_size)  # MoE checks that need the world size (no-op when dense)
+        check_precision(cfg)  # also for configs that did not come through load_config
 
         self.hooks = build_hooks(cfg.hooks)
         self.strategy = build_strategy(cfg, self.comm, self.device)
@@ -86,6 +92,7 @@ class Trainer:
         self.ctx.epoch_fn = lambda: getattr(self.data, "epoch", 0)
         self.evaluator = Evaluator(cfg, self.comm, self.device) if cfg.eval.enabled else None
         self.step = 0
+        self.step_metrics = StepMetricBuffer(self.comm, self.device)
         self.tracker = None
         if track and self.is_main:
             from distreg.tracking.mlflow_tracker import MlflowTracker
@@ -95,12 +102,39 @@ class Trainer:
 
     # -- one optimizer step ------------------------------------------------------------
     def train_step(self) -> tuple[float, float, StepCounts]:
-        """Returns (global step loss, grad norm, global counts of the step)."""
+        """One step, then its metrics read back: (global step loss, grad norm, global
+        counts). For tests and tools; `fit` uses `step_on_device` and reads metrics back
+        only on logging steps."""
+        self.step_on_device(metrics_due=True)  # the caller reads hook metrics after every step
+        (rec,), _ = self.step_metrics.flush()
+        return rec.loss, rec.grad_norm, StepCounts(rec.tokens, rec.samples)
+
+    def _to_device(self, batches: list[dict]) -> list[dict]:
+        """Host -> device copies: pinned and non-blocking on CUDA, all micro-batches issued
+        up front so the copy of micro-batch m+1 overlaps the compute of micro-batch m."""
+        if self.device.type != "cuda":
+            return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
+        return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+
+    def step_on_device(self, metrics_due: bool | None = None) -> None:
+        """One optimizer step with no host read: the loss, gradient norm and counts stay
+        on the device in `self.step_metrics` (flushed by `_log` on logging steps).
+        Collectives besides the strategy's own: none when the data guarantees the counts
+        (packed token windows), else one all-reduce of the counts before the forward."""
         cfg, world = self.cfg, self.comm.world_size
-        micro_batches = [{k: v.to(self.device) for k, v in b.items()} for b in self.data.next_step()]
-        counts = step_counts(micro_batches, self.comm)
-        denom = counts.denominator(cfg.train.loss_reduction)
-        step_loss = torch.zeros((), dtype=torch.float64)
+        micro_batches = self._to_device(self.data.next_step())
+        known = known_counts(self.data, cfg.train.global_batch_size, getattr(cfg.data, "seq_len", None))
+        local = None
+        if known is not None:
+            denom = float(known[0] if cfg.train.loss_reduction == "token" else known[1])
+        else:
+            local = local_counts(micro_batches)
+            glob = self.comm.all_reduce(local.clone())
+            denom = glob[0] if cfg.train.loss_reduction == "token" else glob[1]  # stays on the device
+        step_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        upcoming = self.step + 1
+        self.ctx.metrics_due = (upcoming % cfg.train.log_every == 0 or upcoming == cfg.train.max_steps
+                                if metrics_due is None else metrics_due)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m
@@ -118,7 +152,7 @@ class Trainer:
                 # The strategies average gradients over ranks, hence * world; penalties
                 # count once per optimizer step, hence / grad_accum.
                 self.strategy.backward(sample_part * world + penalty / len(micro_batches), last)
-            step_loss += sample_part.detach().double().cpu() + penalty.detach().double().cpu() / (len(micro_batches) * world)
+            step_loss += sample_part.detach().double() + penalty.detach().double() / (len(micro_batches) * world)
         for hook in self.hooks:
             hook.after_backward(self.ctx)
         grad_norm = self.strategy.step()
@@ -126,7 +160,7 @@ class Trainer:
         self.ctx.step = self.step
         for hook in self.hooks:
             hook.after_step(self.ctx)
-        return float(self.comm.all_reduce(step_loss)), grad_norm, counts
+        self.step_metrics.add(self.step, step_loss, grad_norm, local, known)
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
@@ -150,13 +184,9 @@ class Trainer:
         try:
             while self.step < last:
                 t0 = time.perf_counter()
-                loss, grad_norm, counts = self.train_step()
-                dt = time.perf_counter() - t0
-                result.losses[self.step] = loss
-                result.step_times.append(dt)
-                result.tokens_per_s.append(counts.tokens / dt)
-                self._log(loss, grad_norm, counts, dt)
-                progress.update(self.step, loss, counts.tokens / dt, self.data.unit + "/s")
+                self.step_on_device()
+                result.step_times.append(time.perf_counter() - t0)  # host time (the device may run behind)
+                self._log(result, progress, last)
                 if self.evaluator is not None and self.evaluator.due(self.step, last):
                     result.eval = self.evaluator.run_logged(self.strategy, self.step, self.tracker, progress)
                 every = cfg.checkpoint.every
@@ -173,17 +203,61 @@ class Trainer:
             write_summary(Path(cfg.run_dir) / "summary.json", result, cfg, self.comm.world_size)
         return result
 
-    def _log(self, loss: float, grad_norm: float, counts: StepCounts, dt: float) -> None:
+    def _log(self, result: TrainResult, progress: Progress, last: int) -> None:
+        """On logging steps (train.log_every, and the last step) only: read the interval's
+        metrics back (one all-reduce, one host read), record every buffered step's loss in
+        `result` and MLflow (`train/loss` per step, sent now), throughput over the interval."""
+        if not (self.step % self.cfg.train.log_every == 0 or self.step == last):
+            return
+        records, elapsed = self.step_metrics.flush()
+        if not records:
+            return
+        dt = elapsed / len(records)  # mean step time of the interval
+        tokens, samples = sum(r.tokens for r in records), sum(r.samples for r in records)
+        for r in records:
+            result.losses[r.step] = r.loss
+        result.tokens_per_s.append(tokens / max(elapsed, 1e-12))
+        perf = self._throughput_metrics(tokens / max(elapsed, 1e-12))
+        result.tokens_per_s_per_device.append(perf["train/tokens_per_s_per_device"])
+        if "train/mfu" in perf:
+            result.mfu.append(perf["train/mfu"])
+        result.peak_device_mem_gb = perf.get("train/peak_device_mem_gb")
+        rec = records[-1]
+        extra = "".join(f"  {label} {perf[k]:{fmt}}" for k, label, fmt in
+                        (("train/mfu", "mfu", ".1%"), ("train/peak_device_mem_gb", "mem", ".1f")) if k in perf)
+        progress.update(self.step, rec.loss, (tokens if self.data.unit == "tok" else samples) / max(elapsed, 1e-12),
+                        self.data.unit + "/s", extra + ("GiB" if "train/peak_device_mem_gb" in perf else ""))
         if self.tracker is None:
             return
-        metrics = {"train/loss": loss, "train/lr": self.strategy.lr(), "train/grad_norm": grad_norm,
-                   "train/step_time_s": dt, "train/samples_per_s": counts.samples / dt}
+        for r in records[:-1]:
+            self.tracker.log_metrics(r.step, {"train/loss": r.loss, "train/grad_norm": r.grad_norm})
+        metrics = {"train/loss": rec.loss, "train/lr": self.strategy.lr(), "train/grad_norm": rec.grad_norm,
+                   "train/step_time_s": dt, "train/samples_per_s": samples / max(elapsed, 1e-12)}
         if self.data.unit == "tok":
-            metrics["train/tokens_per_s"] = counts.tokens / dt
+            metrics["train/tokens_per_s"] = tokens / max(elapsed, 1e-12)
+            metrics.update(perf)
         metrics.update(self.data.metrics())
         for hook in self.hooks:
             metrics.update(hook.metrics())
         self.tracker.log_metrics(self.step, metrics)
+
+    def _throughput_metrics(self, tokens_per_s: float) -> dict[str, float]:
+        """train/tokens_per_s_per_device, train/mfu (when the peak is known) and
+        train/peak_device_mem_gb (CUDA) for an interval's global token rate."""
+        from distreg.runtime import mfu
+
+        if not hasattr(self, "_mfu_inputs"):
+            self._mfu_inputs = (mfu.model_flops_per_token(self.cfg),
+                                mfu.peak_flops(mfu.device_name(self.device), self.cfg.train.peak_tflops))
+        flops, peak = self._mfu_inputs
+        per_device = tokens_per_s / self.comm.world_size
+        out = {"train/tokens_per_s_per_device": per_device}
+        if flops and peak:
+            out["train/mfu"] = per_device * flops / peak
+        mem = mfu.peak_memory_gb(self.device)
+        if mem is not None:
+            out["train/peak_device_mem_gb"] = mem
+        return out
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> str:
@@ -247,6 +321,10 @@ def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
         "strategy": cfg.strategy.name, "world_size": world_size,
         "step_time_p50_s": times[len(times) // 2], "step_time_p90_s": times[int(0.9 * (len(times) - 1))],
         "tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
+        "tokens_per_s_per_device": (statistics.median(result.tokens_per_s_per_device)
+                                    if result.tokens_per_s_per_device else None),
+        "mfu": statistics.median(result.mfu) if result.mfu else None,
+        "peak_device_mem_gb": result.peak_device_mem_gb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
         "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
@@ -256,12 +334,26 @@ def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
     return summary
 
 
+def worker_device(cfg: RunConfig) -> torch.device:
+    """The device Ray Train assigned to this worker (right with gpus_per_worker > 1 and
+    whatever CUDA_VISIBLE_DEVICES Ray set); LOCAL_RANK outside Ray Train (spawned tests)."""
+    if not (cfg.scaling.use_gpu and torch.cuda.is_available()):
+        return torch.device("cpu")
+    import ray
+
+    if ray.is_initialized():  # a Ray Train worker: Ray picked the GPU (ray.get_gpu_ids())
+        from ray.train.torch import get_device
+
+        device = get_device()
+    else:  # a process spawned by distreg.testing / torchrun
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
 def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
     """Entry point on every rank (Ray Train worker or a spawned test process); the
     process group is already initialised by the launcher."""
     cfg = RunConfig.model_validate(config)
-    device = torch.device("cpu")
-    if cfg.scaling.use_gpu and torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
+    device = worker_device(cfg)
     return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at)

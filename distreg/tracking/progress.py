@@ -15,7 +15,9 @@ class Progress:
 
             self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
 
-    def update(self, step: int, loss: float, throughput: float, unit: str) -> None:
+    def update(self, step: int, loss: float, throughput: float, unit: str, extra: str = "") -> None:
+        """Called on logging steps (the Trainer reads metrics back only there); `extra`:
+        more fields for the line (MFU, peak device memory)."""
         if not self.enabled:
             return
         if self.bar is not None:
@@ -28,7 +30,7 @@ class Progress:
             eta = elapsed / max(done, 1) * (self.total - step)
             # sys.stdout.write, not print: Ray Train patches print() into a logger that
             # echoes every line twice on the driver.
-            sys.stdout.write(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}  eta {eta:,.0f}s\n")
+            sys.stdout.write(f"step {step}/{self.total}  loss {loss:.4f}  {throughput:,.0f} {unit}{extra}  eta {eta:,.0f}s\n")
             sys.stdout.flush()
 
     def note(self, text: str) -> None:

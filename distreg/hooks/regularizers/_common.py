@@ -44,10 +44,11 @@ class ValuesHook(Hook):
     prefix: str
 
     def metrics(self) -> dict[str, float]:
-        return {f"{self.prefix}/{k}": v for k, v in self.values.items()}
+        # Values may be 0-dim device tensors: read back here, on logging steps only.
+        return {f"{self.prefix}/{k}": float(v) for k, v in self.values.items()}
 
     def state_dict(self) -> dict:
-        return {"values": dict(self.values)}
+        return {"values": {k: float(v) for k, v in self.values.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.values = dict(state.get("values", {}))
@@ -70,7 +71,8 @@ class StatHook(ValuesHook):
         return self.params.metrics_prefix or self.name
 
     def accumulate(self, local: torch.Tensor) -> None:
-        local = local.detach().to(F64).cpu()
+        # Stays on the device: a .cpu() here would be a host sync every micro-batch.
+        local = local.detach().to(F64)
         self._acc = local if self._acc is None else self._acc + local
 
     def reduced(self, ctx: HookContext, size: int) -> torch.Tensor:

@@ -29,6 +29,7 @@ from distreg.regularizers import orthograd
 
 @register
 class PerpGrad(ValuesHook):
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
     name = "perp_grad"
 
     class Params(SelectParams):
@@ -64,12 +65,14 @@ class PerpGrad(ValuesHook):
             raise RuntimeError(f"perp_grad: no gradient for {missing[:3]}")
         thetas = [s.data() for s in shards]
         new = orthograd(thetas, grads, p.scope, p.renorm, p.eps, ctx.comm if ctx.sharded else None)
-        local = torch.zeros(4, dtype=F64)
+        local = torch.zeros(4, dtype=F64, device=thetas[0].device if thetas else None)
         for t, g, n in zip(thetas, grads, new):
             t, g, n = t.detach().to(F64), g.detach().to(F64), n.detach().to(F64)
             local += torch.stack([torch.dot(t, g), torch.dot(t, t), torch.dot(g, g), torch.dot(n, n)])
         for s, n in zip(shards, new):
             s.write_grad(n)
+        if not ctx.metrics_due:
+            return  # statistics only: no reduction, no host read off logging steps
         tg, tt, gg, nn_ = ctx.sum_over_shards(local).tolist()
         self.values = {"cos_before": tg / max((tt * gg) ** 0.5, 1e-300), "grad_norm_before": gg ** 0.5,
                        "grad_norm_after": nn_ ** 0.5}

@@ -120,7 +120,8 @@ class HessianTrace(Hook):
         samples, mean = [], 0.0
         try:
             for t in range(p.max_probes):
-                vs = [rademacher(self.seed, ctx.step, t, s.name, s.flat_start, s.numel) for s in shards]
+                vs = [rademacher(self.seed, ctx.step, t, s.name, s.flat_start, s.numel).to(x.device)
+                      for s, x in zip(shards, saved)]
                 for s, x, v in zip(shards, saved, vs):
                     s.write((x.to(F64) + eps * v.to(F64)).to(x.dtype))
                 plus = self.probe_loss(ctx)

@@ -62,6 +62,7 @@ from distreg.regularizers._dist import active
 
 class _ParamPenalty(ValuesHook):
     """Participants (layer weights by default), routes, metrics and state plumbing."""
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
 
     params: SelectParams
     candidates_all = False  # True: every trainable parameter is a candidate, not only layer weights
@@ -166,15 +167,15 @@ class Orthogonality(_MatrixPenalty):
             return
         coef = self.coef(ctx.step)
         scale = coef * self.params.every
-        total = torch.zeros((), dtype=F64)
         shards = self.shards(ctx)
+        total = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None)
         for shard, route in zip(shards, self.routes):
             value, grad = self.term(ctx, shard, route)
             total += value
             if coef:
                 add_to_grad(shard, scale * grad)
-        self.values = {"penalty": float(coef * total), "error": float(total),
-                       "error_mean": float(total) / len(shards), "coef": coef}
+        self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
+                       "error_mean": total / len(shards), "coef": coef}
 
 
 # --------------------------------------------------------------------------- nuclear norm / TRP
@@ -243,7 +244,7 @@ class NuclearNorm(_MatrixPenalty):
         if not self.due(ctx):
             return
         coef = self.params.coef * schedule_factor(self.params.milestones, ctx.step)
-        dots, ranks = torch.zeros((), dtype=F64), []
+        dots, ranks = torch.zeros((), dtype=F64, device=ctx.local_shards()[0].data().device), []
         for i, (shard, route) in enumerate(zip(self.shards(ctx), self.routes)):
             _, sub, k = _low_rank(ctx, shard, route, 1.0, i % ctx.world_size)
             dots += torch.dot(shard.data().detach().to(F64).reshape(-1), sub)
@@ -297,7 +298,7 @@ class TrainedRankPruning(_MatrixPenalty):
     @torch.no_grad()
     def project(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         p = self.params
-        dots, ks, max_k = torch.zeros((), dtype=F64), 0, 0
+        dots, ks, max_k = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None), 0, 0
         pending = {}
         for i, (shard, route) in enumerate(zip(shards, self.routes)):
             proj, sub, k = _low_rank(ctx, shard, route, p.energy, i % ctx.world_size, p.kind)
@@ -423,12 +424,13 @@ class MbaL2(_ParamPenalty):
                 self.counts = torch.zeros(rows, dtype=torch.int64)
         if self.counts.numel() != rows:
             raise ValueError(f"mba_l2: {self.counts.numel()} counts for a table of {rows} rows")
+        self.counts = self.counts.to(self.shards(ctx)[0].data().device)  # counted where the table lives
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
-        ids = batch["input"].detach().cpu()
+        ids = batch["input"].detach()  # counted on the device: no host copy per micro-batch
         ids = ids.reshape(ids.shape[0], math.prod(ids.shape[1:]))
         pad = -1 if self.params.pad_id is None else self.params.pad_id
-        rows = torch.arange(ids.shape[0]).unsqueeze(1).expand_as(ids)
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1).expand_as(ids)
         valid = ids != pad
         pairs = torch.unique(torch.stack([rows[valid], ids[valid]]), dim=1)  # (sample, id) once per sample
         local = torch.bincount(pairs[1], minlength=self.counts.numel())
@@ -446,8 +448,8 @@ class MbaL2(_ParamPenalty):
             raise ValueError("mba_l2: a present id has count 0 in counts_file")
         shard = self.shards(ctx)[0]
         dim = shard.full_shape[1]
-        row = torch.arange(shard.flat_start, shard.flat_start + shard.numel) // dim
-        coef = torch.where(present, 1.0 / self.counts.clamp(min=1).to(F64), torch.zeros((), dtype=F64))[row]
+        row = torch.arange(shard.flat_start, shard.flat_start + shard.numel, device=self.counts.device) // dim
+        coef = torch.where(present, 1.0 / self.counts.clamp(min=1).to(F64), torch.zeros((), dtype=F64))[row].to(shard.data().device)
         w = shard.data().detach().to(F64)
         lam = self.params.lam
         add_to_grad(shard, lam * coef * w)

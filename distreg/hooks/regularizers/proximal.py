@@ -46,6 +46,7 @@ from distreg.regularizers import group_sq_norms, sparse_envelope_gap, wgsef_prox
 @register
 class GroupEnvelope(_ParamPenalty):
     name = "group_envelope"
+    writes_gradients = False  # a proximal step on the weights; gradients untouched
 
     class Params(SelectParams):
         lam: float = Field(gt=0, description="lambda (no verified default)")
@@ -79,9 +80,10 @@ class GroupEnvelope(_ParamPenalty):
     def layout(self, shard: ParamShard) -> tuple[torch.Tensor, int, torch.Tensor | None, int]:
         """(local group ids, number of groups, d or None, k) of one weight."""
         n, d = matrix_shape(shard)
-        e = torch.arange(shard.flat_start, shard.flat_start + shard.numel)
+        device = shard.data().device
+        e = torch.arange(shard.flat_start, shard.flat_start + shard.numel, device=device)
         ids, num, size = {"rows": (e // d, n, d), "cols": (e % d, d, n), "elements": (e, n * d, 1)}[self.params.groups]
-        weights = None if self.params.group_weights == "one" else torch.full((num,), float(size), dtype=F64)
+        weights = None if self.params.group_weights == "one" else torch.full((num,), float(size), dtype=F64, device=device)
         k = self.params.k if self.params.k is not None else max(1, round(self.params.k_fraction * num))
         return ids, num, weights, k
 
@@ -110,7 +112,7 @@ class GroupEnvelope(_ParamPenalty):
             ids, num, d, k = self.layout(s)
             v = s.data().detach()
             if p.objective == "dc_gap":
-                scale = torch.ones(num, dtype=F64) if d is None else d
+                scale = torch.ones(num, dtype=F64, device=v.device) if d is None else d
                 v = (v.to(F64) + alpha * scale[ids] * self._old[i].to(F64)).to(v.dtype)
             x, _ = wgsef_prox(v, ids, num, alpha, k, d, comm)
             s.write(x)

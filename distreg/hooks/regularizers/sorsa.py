@@ -118,6 +118,7 @@ def _load_initial(model: nn.Module, path: str) -> None:
 
 @register
 class Sorsa(ValuesHook):
+    writes_gradients = True  # edits reduced gradients: refused with DeepSpeed fp16 (scaled grads)
     name = "sorsa"
     path_params = ("init_from",)
 

@@ -47,9 +47,9 @@ class Strategy(ABC):
         strategy's own averaging over ranks is accounted for by the caller)."""
 
     @abstractmethod
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         """Clip (train.grad_clip), optimizer step, lr schedule step, zero grads.
-        Returns the global gradient norm before clipping."""
+        Returns the global gradient norm before clipping (a 0-dim tensor, not read back)."""
 
     @abstractmethod
     def local_shards(self) -> list[ParamShard]: ...

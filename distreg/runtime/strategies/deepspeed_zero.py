@@ -43,6 +43,9 @@ class DeepSpeedStrategy(Strategy):
             "zero_optimization": {"stage": cfg.strategy.zero_stage},
             "bf16": {"enabled": mp.param_dtype == "bf16"},
             "fp16": {"enabled": mp.param_dtype == "fp16"},
+            # Gradient reduction dtype (FSDP2's reduce_dtype); DeepSpeed's default follows
+            # the parameters (bf16 reductions under bf16).
+            "communication_data_type": mp.reduce_dtype,
             "zero_allow_untested_optimizer": True,
             "steps_per_print": 2**31 - 1,
             "wall_clock_breakdown": False,
@@ -90,8 +93,8 @@ class DeepSpeedStrategy(Strategy):
         # Called once per optimizer step, after the last micro-batch's backward: the
         # engine's micro-step counter is at the accumulation boundary here.
         self.model.step()
-        norm = self.model.get_global_grad_norm()
-        return float(norm) if norm is not None else float("nan")
+        norm = self.model.get_global_grad_norm()  # the engine's own (it read it back already)
+        return torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float64)
 
     def lr(self) -> float:
         return self.model.get_lr()[0]

@@ -31,15 +31,19 @@ class _TorchStrategy(Strategy):
     def backward(self, loss: torch.Tensor, last_micro: bool) -> None:
         loss.backward()
 
-    def step(self) -> float:
+    def step(self) -> torch.Tensor:
         clip = self.cfg.train.grad_clip or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_([p for p in self.module.parameters() if p.requires_grad], clip)
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None], foreach=None)
         if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+            norm = norm.full_tensor()  # the one reduction of the norm (FSDP2: partial sums)
+        if clip != float("inf"):
+            # Scales by min(1, clip / norm) on the device: no host read, no second reduction.
+            torch.nn.utils.clip_grads_with_norm_(params, clip, norm, foreach=None)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm.detach()  # on the device: read back on logging steps only
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
@@ -74,9 +78,16 @@ class DDPStrategy(_TorchStrategy):
         self._build_optim()
 
     def accumulation_context(self, last_micro: bool):
+        import contextlib
+
+        stack = contextlib.ExitStack()
         if not last_micro and hasattr(self.model, "no_sync"):
-            return self.model.no_sync()
-        return super().accumulation_context(last_micro)
+            stack.enter_context(self.model.no_sync())
+        dtype = DTYPES[self.cfg.strategy.mixed_precision.param_dtype]
+        if dtype != torch.float32:
+            # bf16 compute over fp32 weights (fp16 is refused at config time: no scaler).
+            stack.enter_context(torch.autocast(self.device.type, dtype=dtype))
+        return stack
 
     def local_shards(self) -> list[ParamShard]:
         out = []
