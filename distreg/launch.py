@@ -3,20 +3,26 @@
 `distreg train` joins an existing cluster when `RAY_ADDRESS` is set (as it is inside a
 `ray job submit` job) and otherwise starts a local one. Paths in the config are made
 absolute here, in the driver, because Ray workers run in their own directories.
+
+Before Ray starts: preflight checks (runs/preflight.py), the run_dir lock
+(runs/lock.py) and the run's identity (runs/identity.py: fresh, or the resumed run).
+The driver owns the MLflow run (created or reopened here, closed FINISHED / FAILED /
+KILLED here). Where the worker group starts is decided once (rank 0, broadcast); saved
+checkpoints are reported to Ray Train in place, so its automatic restarts resume them.
 """
 from __future__ import annotations
 
 import os
+import posixpath
+import signal
 import sys
-import uuid
+import threading
 from pathlib import Path
 
 from distreg.config import RunConfig
-from distreg.runtime.checkpoint import latest_checkpoint
+from distreg.runtime import storage
 
-
-def _is_url(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
+_is_url = storage.is_url
 
 
 def resolve_paths(cfg: RunConfig) -> RunConfig:
@@ -54,22 +60,67 @@ def _worker_env(cfg: RunConfig) -> dict[str, str]:
     return env
 
 
-def _ray_train_loop(loop_config: dict) -> None:
+def _ray_train_loop(loop_config: dict) -> dict | None:
     """Runs on every Ray Train worker (process group already initialised by Ray)."""
     import torch
 
-    from distreg.runtime.trainer import train_worker
+    from distreg.runtime.trainer import JobLink, train_worker
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = loop_config["config"]
-    # Ray Train restarts the whole worker group after a failure and calls this function
-    # again: a launch marker left by an earlier attempt means "resume from the latest".
-    marker = Path(cfg["run_dir"]) / f".launch-{loop_config['launch_id']}"
-    restarted = marker.exists()
-    if int(os.environ.get("RANK", "0")) == 0 and not _is_url(cfg["run_dir"]):
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.touch()
-    train_worker(cfg, resume=loop_config["resume"] or restarted)
+    ckpt_dir = cfg["checkpoint"]["dir"] or storage.join(cfg["run_dir"], "checkpoints")
+    from distreg.runtime.comm import Comm
+
+    start = decide_start(Comm(), lambda: _start_checkpoint(ckpt_dir, loop_config["start_checkpoint"]))
+    job = JobLink(run=loop_config["run"], start_checkpoint=start,
+                  on_checkpoint=lambda path, step: _report_checkpoint(path, step), prune_checkpoints=False)
+    result = train_worker(cfg, job=job)
+    # Rank 0's return value reaches the driver as Result.return_value: the driver never
+    # reads a file that rank 0 wrote on another node.
+    return {"summary": result.summary, "checkpoint": result.checkpoint, "step": result.final_step,
+            "mlflow_run_id": result.mlflow_run_id, "run_id": loop_config["run"]["run_id"]} if result.summary else None
+
+
+def decide_start(comm, choose) -> str | None:
+    """Where this worker group starts, decided once: `choose()` runs on rank 0 only and
+    its answer is broadcast, so every rank takes the same branch whatever each rank's
+    view of the storage is (no rank looks at the file system for this)."""
+    import torch.distributed as dist
+
+    box = [choose() if comm.rank == 0 else None]
+    if comm.world_size > 1:
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _start_checkpoint(ckpt_dir: str, driver_choice: str | None) -> str | None:
+    """The newer of the driver's start point (a --resume) and the latest checkpoint Ray
+    Train knows (set after an automatic restart of the worker group)."""
+    import ray.train
+
+    reported = ray.train.get_checkpoint()
+    if reported is None:
+        return driver_choice
+    restart = storage.join(ckpt_dir, posixpath.basename(reported.path.rstrip("/")))
+    if driver_choice is None or posixpath.basename(restart) > posixpath.basename(driver_choice):
+        return restart
+    return driver_choice
+
+
+def _report_checkpoint(path: str, step: int) -> None:
+    """Tell Ray Train about a complete checkpoint (every rank calls; rank 0 attaches it).
+    The experiment directory is checkpoint.dir itself, so the checkpoint is already where
+    Ray keeps checkpoints: NO_UPLOAD, nothing copied."""
+    import ray.train
+    from ray.train import Checkpoint, CheckpointUploadMode
+
+    checkpoint = None
+    if ray.train.get_context().get_world_rank() == 0:
+        store = ray.train.get_context().get_storage()
+        checkpoint = Checkpoint(posixpath.join(store.experiment_fs_path, posixpath.basename(path)),
+                                filesystem=store.storage_filesystem)
+    ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_dir_name=posixpath.basename(path),
+                     checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
 
 def check_resources(cfg: RunConfig) -> None:
@@ -89,14 +140,116 @@ def check_resources(cfg: RunConfig) -> None:
         raise SystemExit(f"scaling: the Ray cluster lacks resources for {s.num_workers} workers ({detail})")
 
 
-def launch(cfg: RunConfig, resume: bool = False) -> dict:
-    """Train `cfg` on Ray; returns where the MLflow run and the checkpoint are."""
+def _ray_storage(checkpoint_dir: str) -> dict:
+    """Ray Train's experiment directory = checkpoint.dir, so reported checkpoints are
+    'managed' where they lie (NO_UPLOAD) and Ray's restarts find them."""
+    if not storage.is_url(checkpoint_dir):
+        return {"storage_path": os.path.dirname(checkpoint_dir), "name": os.path.basename(checkpoint_dir)}
+    import fsspec
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    fs, path = fsspec.core.url_to_fs(checkpoint_dir)
+    return {"storage_path": posixpath.dirname(path.rstrip("/")), "name": posixpath.basename(path.rstrip("/")),
+            "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
+def worker_nodes() -> int:
+    """Alive nodes that can host a worker (a head with num-cpus 0 does not count)."""
     import ray
-    from ray.train import FailureConfig, ScalingConfig
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+
+
+def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, "RunIdentity", "RunLock"]:
+    """Everything before Ray: paths, config checks, test writes, the run_dir lock, the
+    run's identity. Raises ConfigError / RunDirLocked / RunDirInUse with one clear line."""
+    from distreg.config import ConfigError
+    from distreg.runs.identity import RunDirInUse, open_run
+    from distreg.runs.lock import RunDirLocked, RunLock
+    from distreg.runs.preflight import job_run_dir, preflight
+
+    cfg = cfg.model_copy(deep=True)
+    cfg.run_dir = job_run_dir(cfg.run_dir)
+    if cfg.checkpoint.dir:
+        cfg.checkpoint.dir = job_run_dir(cfg.checkpoint.dir)
+    try:
+        cfg = resolve_paths(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    preflight(cfg)
+    lock = RunLock(cfg.run_dir)
+    try:
+        lock.acquire()
+    except RunDirLocked as e:
+        raise ConfigError(f"run_dir: {e}") from None
+    try:
+        identity = open_run(cfg.run_dir, cfg.checkpoint_dir, resume)
+    except RunDirInUse as e:
+        lock.release()
+        raise ConfigError(str(e)) from None
+    except BaseException:
+        lock.release()
+        raise
+    return cfg, identity, lock
+
+
+def launch(cfg: RunConfig, resume: bool = False) -> dict:
+    """Train `cfg` on Ray as one run; returns the run id, MLflow run, last checkpoint and
+    rank 0's summary (through Ray, not through a file)."""
+    cfg, identity, lock = prepare(cfg, resume)
+    closer = _RunCloser(cfg, identity, lock)
+    try:
+        result = _fit(cfg, identity, closer)
+        closer.close("FINISHED")
+    finally:
+        closer.close("FAILED")  # no-op when already closed (FINISHED, or KILLED by a signal)
+    info = dict(result.return_value or {})
+    return {"tracking_uri": cfg.tracking.uri, "mlflow_run_id": identity.mlflow_run_id, "run_id": identity.run_id,
+            "checkpoint": info.get("checkpoint"), "step": info.get("step"), "summary": info.get("summary"),
+            "run_dir": cfg.run_dir}
+
+
+class _RunCloser:
+    """Sets the MLflow run's terminal status exactly once and releases the run_dir lock.
+    SIGTERM (`ray job stop`, Kubernetes) and SIGINT close it KILLED at once: Ray's job
+    supervisor SIGKILLs the driver 3 s later, and the workers go with it."""
+
+    def __init__(self, cfg: RunConfig, identity, lock):
+        self.cfg, self.identity, self.lock = cfg, identity, lock
+        self.closed = False
+
+    def close(self, status: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        from distreg.tracking.mlflow_tracker import close_run
+
+        try:
+            close_run(self.cfg.tracking.uri, self.identity.mlflow_run_id, status, self.cfg.run_dir)
+        finally:
+            self.lock.release()
+
+    def on_signal(self, signum, frame) -> None:
+        self.close("KILLED")
+        signal.signal(signum, signal.SIG_DFL)
+        raise KeyboardInterrupt(f"distreg: stopped by {signal.Signals(signum).name}; MLflow run marked KILLED")
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, self.on_signal)
+
+
+def _fit(cfg: RunConfig, identity, closer: "_RunCloser"):
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    cfg = resolve_paths(cfg)
+    from distreg.runs.identity import write_record
+    from distreg.runs.preflight import check_shared_run_dir
+    from distreg.tracking.mlflow_tracker import open_run, run_tags
+
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS")
         # Worker environment travels in the TorchTrainer's worker_runtime_env, not here:
@@ -104,7 +257,17 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
         # No RAY_ADDRESS: a fresh local cluster ("local"), never a stray one found on
         # this machine.
         ray.init(address=address or "local", log_to_driver=True)
+    closer.install()  # after ray.init, which installs its own SIGTERM handler
     check_resources(cfg)
+    check_shared_run_dir(cfg, worker_nodes())
+    identity.tracking_uri = cfg.tracking.uri
+    identity.mlflow_run_id = open_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(),
+                                      {**run_tags(cfg.strategy.name, cfg.scaling.num_workers),
+                                       "distreg.run_id": identity.run_id}, cfg.to_yaml(), identity.mlflow_run_id,
+                                      cfg.run_dir)
+    write_record(cfg.run_dir, identity)
+    if identity.start_checkpoint:
+        print(f"distreg: resuming run {identity.run_id} from {identity.start_checkpoint} (step {identity.start_step})")
     s = cfg.scaling
     resources = {"CPU": s.cpus_per_worker, **s.resources_per_worker}
     if s.use_gpu:
@@ -112,33 +275,24 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
     backend = cfg.strategy.backend if cfg.strategy.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "resume": resume, "launch_id": uuid.uuid4().hex},
-        torch_config=TorchConfig(backend=backend),
+        train_loop_config={"config": cfg.model_dump(mode="json"), "run": identity.lineage(),
+                           "start_checkpoint": identity.start_checkpoint},
+        torch_config=TorchConfig(backend=backend, timeout_s=s.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources),
         run_config=RayRunConfig(
-            name=Path(cfg.run_dir).name + "-" + uuid.uuid4().hex[:6],
-            storage_path=str(Path(cfg.run_dir).resolve() / "ray") if not _is_url(cfg.run_dir) else None,
+            **_ray_storage(cfg.checkpoint_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
+            # Ray Train's checkpoint manager owns pruning: it knows every reported checkpoint.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),
     )
-    trainer.fit()
-    return summary(cfg)
-
-
-def summary(cfg: RunConfig) -> dict:
-    run_id_file = Path(cfg.run_dir) / "mlflow_run_id"
-    found = latest_checkpoint(cfg.checkpoint_dir)
-    return {
-        "tracking_uri": cfg.tracking.uri,
-        "mlflow_run_id": run_id_file.read_text().strip() if run_id_file.exists() else None,
-        "checkpoint": found[1] if found else None,
-        "step": found[0] if found else None,
-    }
+    return trainer.fit()
 
 
 def print_summary(info: dict, out=sys.stdout) -> None:
     print("distreg: training finished", file=out)
+    print(f"  run:         {info.get('run_id')}  ({info.get('run_dir')})", file=out)
     print(f"  MLflow run:  {info['mlflow_run_id']}  (tracking URI {info['tracking_uri']})", file=out)
     if info["tracking_uri"] and info["tracking_uri"].startswith("sqlite:"):
         print(f"  browse with: mlflow ui --backend-store-uri {info['tracking_uri']}", file=out)

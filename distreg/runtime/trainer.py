@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +24,7 @@ from distreg.models import build_model, materialize
 from distreg.models.moe import check_moe_setup, moe_layers, moe_penalties
 from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.comm import Comm
+from distreg.runtime import storage
 from distreg.runtime.loss import StepCounts, per_sample_loss, reduction_weights, step_counts
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
@@ -40,6 +40,19 @@ class TrainResult:
     checkpoint: str | None = None
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
+    summary: dict | None = None  # rank 0: what summary.json holds (returned to the driver through Ray)
+
+
+@dataclass
+class JobLink:
+    """What the launcher decided for this worker group (all ranks get the same):
+    the run's lineage, the checkpoint to start from, and where saved checkpoints are
+    reported (Ray Train, which then also owns their pruning)."""
+
+    run: dict  # {"run_id", "mlflow_run_id", "tracking_uri"}: travels in every checkpoint
+    start_checkpoint: str | None = None  # None: from step 0
+    on_checkpoint: object = None  # callable(path, step), called on every rank after a save
+    prune_checkpoints: bool = True
 
 
 class Trainer:
@@ -123,19 +136,26 @@ class Trainer:
         return float(self.comm.all_reduce(step_loss)), grad_norm, counts
 
     # -- the loop ------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+    def fit(self, resume: bool = False, stop_at: int | None = None, job: JobLink | None = None) -> TrainResult:
         """Train to `train.max_steps` (or stop early after step `stop_at`, as a
-        preemption would, checkpointing there)."""
+        preemption would, checkpointing there). `job`: set by the launcher (the run's
+        identity and start point); without it the Trainer owns its MLflow run and
+        `resume` takes the latest complete checkpoint."""
         cfg = self.cfg
+        self.job = job
         last = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
         result = TrainResult()
         if self.tracker is not None:
             from distreg.tracking.mlflow_tracker import run_tags
 
-            result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size), cfg.to_yaml())
+            result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size),
+                                                      cfg.to_yaml(), run_id=job.run.get("mlflow_run_id") if job else None)
             result.tracking_uri = self.tracker.uri
             self.ctx.artifact_fn = self.tracker.log_artifact
-        if resume:
+        if job is not None:
+            if job.start_checkpoint:
+                self._resume(job.start_checkpoint)
+        elif resume:
             self._resume()
         for hook in self.hooks:
             hook.on_train_start(self.ctx)
@@ -161,7 +181,8 @@ class Trainer:
                 self.tracker.finish(status)
         result.final_step = self.step
         if self.is_main:
-            write_summary(Path(cfg.run_dir) / "summary.json", result, cfg, self.comm.world_size)
+            result.summary = write_summary(storage.join(cfg.run_dir, "summary.json"), result, cfg,
+                                           self.comm.world_size, run_id=job.run["run_id"] if job else None)
         return result
 
     def _log(self, loss: float, grad_norm: float, counts: StepCounts, dt: float) -> None:
@@ -178,19 +199,30 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> str:
+        job = getattr(self, "job", None)
+        # The run's lineage travels in the checkpoint: a resume continues this run (same
+        # run id, same MLflow run) even if run.json beside it is gone.
+        lineage = job.run if job else {"run_id": None, "mlflow_run_id": self.tracker.run_id if self.tracker else None}
         trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
-                         "config": self.cfg.model_dump(mode="json")}
+                         "config": self.cfg.model_dump(mode="json"), "run": lineage}
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
-        return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
-                                    self.comm, self.cfg.checkpoint.keep_last)
+        keep = self.cfg.checkpoint.keep_last if (job is None or job.prune_checkpoints) else None
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
+                                    self.comm, keep)
+        if job is not None and job.on_checkpoint is not None:
+            job.on_checkpoint(path, self.step)
+        return path
 
-    def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
-        if found is None:
-            if self.is_main:
-                print(f"--resume: no complete checkpoint under {self.cfg.checkpoint_dir}; starting from step 0")
-            return
-        step, path = found
+    def _resume(self, path: str | None = None) -> None:
+        """Restore from `path` (decided by the launcher, the same on every rank) or, for a
+        standalone Trainer, the latest complete checkpoint."""
+        if path is None:
+            found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+            if found is None:
+                if self.is_main:
+                    print(f"--resume: no complete checkpoint under {self.cfg.checkpoint_dir}; starting from step 0")
+                return
+            path = found[1]
         trainer_state, rank_state = ckpt.load_checkpoint(path, self.strategy, self.comm)
         self.step = self.ctx.step = trainer_state["step"]
         self.data.load_state_dict(trainer_state["data"])
@@ -198,11 +230,12 @@ class Trainer:
         for hook, state in zip(self.hooks, rank_state["hooks"]):
             hook.load_state_dict(state)
         if self.is_main:
-            print(f"resumed from {path} (step {step})")
+            print(f"resumed from {path} (step {self.step})")
 
 
-def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: int) -> None:
-    """`<run_dir>/summary.json`: what benchmark suites and scripts read after a run."""
+def write_summary(path: str, result: TrainResult, cfg: RunConfig, world_size: int, run_id: str | None = None) -> dict:
+    """`<run_dir>/summary.json` (run_dir may be a URL): what benchmark suites and scripts
+    read after a run; also returned, for the driver to get through Ray."""
     import resource
 
     times = sorted(result.step_times) or [float("nan")]
@@ -214,16 +247,15 @@ def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: i
         "tokens_per_s": statistics.median(result.tokens_per_s) if result.tokens_per_s else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
+        "run_id": run_id, "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
         "losses": {str(k): v for k, v in sorted(result.losses.items())[-100:]},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(path)
+    storage.write_text(str(path), json.dumps(summary, indent=1))
+    return summary
 
 
-def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
+def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None,
+                 job: JobLink | None = None) -> TrainResult:
     """Entry point on every rank (Ray Train worker or a spawned test process); the
     process group is already initialised by the launcher."""
     cfg = RunConfig.model_validate(config)
@@ -231,4 +263,4 @@ def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at
     if cfg.scaling.use_gpu and torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at)
+    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at, job=job)
