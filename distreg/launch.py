@@ -71,7 +71,8 @@ def _ray_train_loop(loop_config: dict) -> dict | None:
     ckpt_dir = cfg["checkpoint"]["dir"] or storage.join(cfg["run_dir"], "checkpoints")
     from distreg.runtime.comm import Comm
 
-    start = decide_start(Comm(), lambda: _start_checkpoint(ckpt_dir, loop_config["start_checkpoint"]))
+    start = decide_start(Comm(), lambda: _start_checkpoint(ckpt_dir, loop_config["start_checkpoint"],
+                                                               loop_config["run"]["run_id"]))
     job = JobLink(run=loop_config["run"], start_checkpoint=start,
                   on_checkpoint=lambda path, step: _report_checkpoint(path, step), prune_checkpoints=False)
     result = train_worker(cfg, job=job)
@@ -93,18 +94,26 @@ def decide_start(comm, choose) -> str | None:
     return box[0]
 
 
-def _start_checkpoint(ckpt_dir: str, driver_choice: str | None) -> str | None:
-    """The newer of the driver's start point (a --resume) and the latest checkpoint Ray
-    Train knows (set after an automatic restart of the worker group)."""
+def _start_checkpoint(ckpt_dir: str, driver_choice: str | None, run_id: str) -> str | None:
+    """Rank 0's choice: the newest of the driver's start point (a --resume), the latest
+    checkpoint Ray Train registered (after an automatic restart) and the latest complete
+    checkpoint of this run on storage (Ray registers reports asynchronously: a group
+    that died right after a save may have saved more than Ray knows). The old group is
+    gone when a new one starts, so nothing writes checkpoints while this looks."""
     import ray.train
 
+    from distreg.runs.identity import checkpoint_lineage
+    from distreg.runtime import checkpoint as ckpt
+
+    candidates = [driver_choice]
     reported = ray.train.get_checkpoint()
-    if reported is None:
-        return driver_choice
-    restart = storage.join(ckpt_dir, posixpath.basename(reported.path.rstrip("/")))
-    if driver_choice is None or posixpath.basename(restart) > posixpath.basename(driver_choice):
-        return restart
-    return driver_choice
+    if reported is not None:
+        candidates.append(storage.join(ckpt_dir, posixpath.basename(reported.path.rstrip("/"))))
+    found = ckpt.latest_checkpoint(ckpt_dir)
+    if found and (checkpoint_lineage(found[1]) or {}).get("run_id") == run_id:
+        candidates.append(found[1])
+    candidates = [c for c in candidates if c]
+    return max(candidates, key=lambda c: posixpath.basename(c.rstrip("/"))) if candidates else None
 
 
 def _report_checkpoint(path: str, step: int) -> None:
