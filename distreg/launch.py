@@ -169,12 +169,10 @@ def worker_nodes() -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
 
 
-def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, "RunIdentity", "RunLock"]:
-    """Everything before Ray: paths, config checks, test writes, the run_dir lock, the
-    run's identity. Raises ConfigError / RunDirLocked / RunDirInUse with one clear line."""
+def prepare(cfg: RunConfig) -> RunConfig:
+    """Before Ray: paths decided (a relative run_dir inside a job, absolute local paths)
+    and every config check that needs no cluster (runs/preflight.py)."""
     from distreg.config import ConfigError
-    from distreg.runs.identity import RunDirInUse, open_run
-    from distreg.runs.lock import RunDirLocked, RunLock
     from distreg.runs.preflight import job_run_dir, preflight
 
     cfg = cfg.model_copy(deep=True)
@@ -186,29 +184,46 @@ def prepare(cfg: RunConfig, resume: bool = False) -> tuple[RunConfig, "RunIdenti
     except ValueError as e:
         raise ConfigError(str(e)) from None
     preflight(cfg)
+    return cfg
+
+
+def claim(cfg: RunConfig, resume: bool) -> tuple["RunIdentity", "RunLock"]:
+    """The run_dir lock, then the run's identity (fresh, or the resumed run). Raises
+    ConfigError with one clear line when another job holds the run_dir or a plain run
+    would reuse a used one."""
+    from distreg.config import ConfigError
+    from distreg.runs.identity import RunDirInUse, open_run
+    from distreg.runs.lock import RunDirLocked, RunLock
+
     lock = RunLock(cfg.run_dir)
     try:
         lock.acquire()
     except RunDirLocked as e:
         raise ConfigError(f"run_dir: {e}") from None
     try:
-        identity = open_run(cfg.run_dir, cfg.checkpoint_dir, resume)
+        return open_run(cfg.run_dir, cfg.checkpoint_dir, resume), lock
     except RunDirInUse as e:
         lock.release()
         raise ConfigError(str(e)) from None
     except BaseException:
         lock.release()
         raise
-    return cfg, identity, lock
 
 
 def launch(cfg: RunConfig, resume: bool = False) -> dict:
     """Train `cfg` on Ray as one run; returns the run id, MLflow run, last checkpoint and
     rank 0's summary (through Ray, not through a file)."""
-    cfg, identity, lock = prepare(cfg, resume)
+    cfg = prepare(cfg)
+    _connect_ray()
+    check_resources(cfg)
+    from distreg.runs.preflight import check_shared_run_dir
+
+    check_shared_run_dir(cfg, worker_nodes())
+    identity, lock = claim(cfg, resume)
     closer = _RunCloser(cfg, identity, lock)
     try:
-        result = _fit(cfg, identity, closer)
+        closer.install()
+        result = _fit(cfg, identity)
         closer.close("FINISHED")
     finally:
         closer.close("FAILED")  # no-op when already closed (FINISHED, or KILLED by a signal)
@@ -216,6 +231,18 @@ def launch(cfg: RunConfig, resume: bool = False) -> dict:
     return {"tracking_uri": cfg.tracking.uri, "mlflow_run_id": identity.mlflow_run_id, "run_id": identity.run_id,
             "checkpoint": info.get("checkpoint"), "step": info.get("step"), "summary": info.get("summary"),
             "run_dir": cfg.run_dir}
+
+
+def _connect_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS")
+        # Worker environment travels in the TorchTrainer's worker_runtime_env, not here:
+        # inside a `ray job submit` job the job's runtime_env must not be overridden.
+        # No RAY_ADDRESS: a fresh local cluster ("local"), never a stray one found on
+        # this machine.
+        ray.init(address=address or "local", log_to_driver=True)
 
 
 class _RunCloser:
@@ -249,26 +276,14 @@ class _RunCloser:
                 signal.signal(sig, self.on_signal)
 
 
-def _fit(cfg: RunConfig, identity, closer: "_RunCloser"):
-    import ray
+def _fit(cfg: RunConfig, identity):
     from ray.train import CheckpointConfig, FailureConfig, ScalingConfig
     from ray.train import RunConfig as RayRunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from distreg.runs.identity import write_record
-    from distreg.runs.preflight import check_shared_run_dir
     from distreg.tracking.mlflow_tracker import open_run, run_tags
 
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        # Worker environment travels in the TorchTrainer's worker_runtime_env, not here:
-        # inside a `ray job submit` job the job's runtime_env must not be overridden.
-        # No RAY_ADDRESS: a fresh local cluster ("local"), never a stray one found on
-        # this machine.
-        ray.init(address=address or "local", log_to_driver=True)
-    closer.install()  # after ray.init, which installs its own SIGTERM handler
-    check_resources(cfg)
-    check_shared_run_dir(cfg, worker_nodes())
     identity.tracking_uri = cfg.tracking.uri
     identity.mlflow_run_id = open_run(cfg.tracking.uri, cfg.tracking.experiment, cfg.tracking.run_name, cfg.flat(),
                                       {**run_tags(cfg.strategy.name, cfg.scaling.num_workers),
