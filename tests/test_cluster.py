@@ -169,6 +169,9 @@ def test_ray_job_stop_marks_the_run_killed(ray_head, s3_tokens, tmp_path):
         assert time.time() < deadline, "the job never started training"
         time.sleep(2)
     assert _worker_processes(temp_dir)
+    # A second job on the same run_dir while the first runs (even a --resume): refused.
+    second = _submit(env, [c for c in cmd if c != "--no-wait"] + ["--resume"])
+    assert second.returncode != 0 and "run_dir is in use" in second.stdout + second.stderr
     subprocess.run(["ray", "job", "stop", "--address", address, job_id], env=env, check=True, capture_output=True,
                    timeout=120)
     deadline = time.time() + 60

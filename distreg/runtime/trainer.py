@@ -73,7 +73,7 @@ class Trainer:
         model = self.strategy.create_model(
             lambda device, init: build_model(cfg.model, cfg.train.seed, device, init), lazy)
         self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
-                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=cfg.run_dir,
+                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=hook_files_dir(cfg.run_dir),
                                model_config=cfg.model)
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
@@ -177,6 +177,7 @@ class Trainer:
             status = "FINISHED"
         finally:
             progress.close()
+            sync_hook_files(self.ctx.run_dir, cfg.run_dir)
             if self.tracker is not None:
                 self.tracker.finish(status)
         result.final_step = self.step
@@ -209,6 +210,7 @@ class Trainer:
         keep = self.cfg.checkpoint.keep_last if (job is None or job.prune_checkpoints) else None
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
                                     self.comm, keep)
+        sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
         if job is not None and job.on_checkpoint is not None:
             job.on_checkpoint(path, self.step)
         return path
@@ -231,6 +233,26 @@ class Trainer:
             hook.load_state_dict(state)
         if self.is_main:
             print(f"resumed from {path} (step {self.step})")
+
+
+def hook_files_dir(run_dir: str) -> str:
+    """Where hooks write their files (plots, reports): run_dir itself when local; for an
+    object-store run_dir a local staging folder that `sync_hook_files` copies under
+    run_dir at every checkpoint and at the end (hooks write with plain file APIs)."""
+    if not storage.is_url(run_dir):
+        return run_dir
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="distreg-hook-files-")
+
+
+def sync_hook_files(local_dir: str, run_dir: str) -> None:
+    if local_dir == run_dir or not os.path.isdir(local_dir) or not os.listdir(local_dir):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
 
 
 def write_summary(path: str, result: TrainResult, cfg: RunConfig, world_size: int, run_id: str | None = None) -> dict:
