@@ -74,7 +74,7 @@ def _ray_train_loop(loop_config: dict) -> dict | None:
     start = decide_start(Comm(), lambda: _start_checkpoint(ckpt_dir, loop_config["start_checkpoint"],
                                                                loop_config["run"]["run_id"]))
     job = JobLink(run=loop_config["run"], start_checkpoint=start,
-                  on_checkpoint=lambda path, step: _report_checkpoint(path, step), prune_checkpoints=False)
+                  on_checkpoint=lambda path, step: _report_checkpoint(path, step))
     result = train_worker(cfg, job=job)
     # Rank 0's return value reaches the driver as Result.return_value: the driver never
     # reads a file that rank 0 wrote on another node.
@@ -160,6 +160,17 @@ def _ray_storage(checkpoint_dir: str) -> dict:
     fs, path = fsspec.core.url_to_fs(checkpoint_dir)
     return {"storage_path": posixpath.dirname(path.rstrip("/")), "name": posixpath.basename(path.rstrip("/")),
             "storage_filesystem": PyFileSystem(FSSpecHandler(fs))}
+
+
+def _drop_ray_snapshot(checkpoint_dir: str) -> None:
+    """Ray Train restores the checkpoint list of an earlier job from its snapshot in the
+    experiment directory and refuses to start if one of them was pruned since. Where a job
+    starts is decided by distreg (the lineage in the checkpoints); Ray's record is only
+    for restarts within this job, so an earlier job's snapshot is removed (the run_dir
+    lock guarantees that job is gone)."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    storage.remove(storage.join(checkpoint_dir, CHECKPOINT_MANAGER_SNAPSHOT_FILENAME))
 
 
 def worker_nodes() -> int:
@@ -297,6 +308,7 @@ def _fit(cfg: RunConfig, identity):
     if s.use_gpu:
         resources["GPU"] = max(s.gpus_per_worker, 1)
     backend = cfg.strategy.backend if cfg.strategy.backend != "auto" else ("nccl" if s.use_gpu else "gloo")
+    _drop_ray_snapshot(cfg.checkpoint_dir)
     trainer = TorchTrainer(
         _ray_train_loop,
         train_loop_config={"config": cfg.model_dump(mode="json"), "run": identity.lineage(),
@@ -306,8 +318,9 @@ def _fit(cfg: RunConfig, identity):
         run_config=RayRunConfig(
             **_ray_storage(cfg.checkpoint_dir),
             failure_config=FailureConfig(max_failures=s.max_failures),
-            # Ray Train's checkpoint manager owns pruning: it knows every reported checkpoint.
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep_last),
+            # distreg prunes (marker first, by what is complete on storage): Ray registers
+            # reports asynchronously and may miss one, so it must not count on its own.
+            checkpoint_config=CheckpointConfig(num_to_keep=None),
             worker_runtime_env={"env_vars": _worker_env(cfg)},
         ),
     )

@@ -21,7 +21,7 @@ def two_nodes_s3(args: dict) -> dict:
     from tests.conftest import tiny_config
 
     temp_dir = tempfile.mkdtemp(prefix="rc2n", dir="/tmp")
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_temp_dir": temp_dir})
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "temp_dir": temp_dir})
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     ray.init(address=cluster.address)

@@ -83,10 +83,8 @@ def latest_checkpoint(root: str) -> tuple[int, str] | None:
 
 
 def save_checkpoint(root: str, step: int, strategy, trainer_state: dict, rank_state: dict, comm: Comm,
-                    keep_last: int | None) -> str:
-    """Collective. Writes the strategy state, then trainer/rank state, then the marker.
-    `keep_last=None`: old checkpoints are left to their owner (Ray Train's checkpoint
-    manager under `distreg train`, which knows every reported checkpoint)."""
+                    keep_last: int) -> str:
+    """Collective. Writes the strategy state, then trainer/rank state, then the marker."""
     path = step_path(root, step)
     strategy.save(posixpath.join(path, "model"))
     save_torch(posixpath.join(path, f"rank_{comm.rank:05d}.pt"), rank_state)
@@ -95,8 +93,7 @@ def save_checkpoint(root: str, step: int, strategy, trainer_state: dict, rank_st
     comm.barrier()
     if comm.rank == 0:
         write_bytes_atomic(posixpath.join(path, MARKER), f"{step}\n".encode())
-        if keep_last is not None:
-            _prune(root, keep_last)
+        _prune(root, keep_last)
     comm.barrier()
     return path
 

@@ -47,12 +47,11 @@ class TrainResult:
 class JobLink:
     """What the launcher decided for this worker group (all ranks get the same):
     the run's lineage, the checkpoint to start from, and where saved checkpoints are
-    reported (Ray Train, which then also owns their pruning)."""
+    reported (Ray Train)."""
 
     run: dict  # {"run_id", "mlflow_run_id", "tracking_uri"}: travels in every checkpoint
     start_checkpoint: str | None = None  # None: from step 0
     on_checkpoint: object = None  # callable(path, step), called on every rank after a save
-    prune_checkpoints: bool = True
 
 
 class Trainer:
@@ -207,9 +206,8 @@ class Trainer:
         trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
                          "config": self.cfg.model_dump(mode="json"), "run": lineage}
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
-        keep = self.cfg.checkpoint.keep_last if (job is None or job.prune_checkpoints) else None
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
-                                    self.comm, keep)
+                                    self.comm, self.cfg.checkpoint.keep_last)
         sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
         if job is not None and job.on_checkpoint is not None:
             job.on_checkpoint(path, self.step)
