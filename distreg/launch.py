@@ -85,7 +85,7 @@ def _ray_train_loop(loop_config: dict) -> dict | None:
 def decide_start(comm, choose) -> str | None:
     """Where this worker group starts, decided once: `choose()` runs on rank 0 only and
     its answer is broadcast, so every rank takes the same branch whatever each rank's
-    view of the storage is (no rank looks at the file system for this)."""
+    view of the storage would be (a straggler, a node with a stale listing cache)."""
     import torch.distributed as dist
 
     box = [choose() if comm.rank == 0 else None]
