@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -159,7 +160,7 @@ def test_ray_job_stop_marks_the_run_killed(ray_head, s3_tokens, tmp_path):
     cmd += ["--set", "train.max_steps=100000"]
     proc = _submit(env, cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    job_id = next(w for line in proc.stdout.splitlines() for w in line.split() if w.startswith("raysubmit_"))
+    job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout).group(0)
     client, deadline = MlflowClient(uri), time.time() + 300
     while True:  # wait until it trains (a few steps in MLflow)
         record = _run_record(s3_tokens, "stopped")

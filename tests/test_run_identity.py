@@ -173,3 +173,19 @@ def test_replayed_steps_are_not_logged_twice_and_sync_closes_a_lost_end(tmp_path
     assert json.loads(storage.read_text(storage.join(run_dir, FALLBACK)))["kind"] == "end"
     assert sync_fallback(run_dir, uri) == 1
     assert client.get_run(run_id).info.status == "KILLED"
+
+
+def test_hook_files_of_an_object_store_run_dir_land_under_it(s3_endpoint, token_data):
+    """Hooks write plots with plain file APIs; with run_dir on S3 they are staged locally
+    and copied under run_dir (never into a local folder named 's3:')."""
+    from distreg.runtime.trainer import Trainer
+    from tests.conftest import tiny_config
+    from tests.s3server import new_bucket
+
+    run_dir = f"{new_bucket()}/run"
+    cfg = tiny_config(token_data, run_dir, **{"scaling.num_workers": 1, "strategy.name": "ddp", "train.max_steps": 2,
+                                              "hooks": "[{name: loss_reweighting, plot_every: 2}]"})
+    Trainer(cfg, track=False).fit()
+    assert storage.exists(storage.join(run_dir, "reweighting/loss_reweighting_step00000002.png"))
+    assert storage.exists(storage.join(run_dir, "summary.json"))
+    assert not os.path.exists("s3:")
