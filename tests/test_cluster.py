@@ -151,6 +151,12 @@ def _worker_processes(temp_dir: str) -> list:
     return found
 
 
+def _job_running(env: dict, address: str, job_id: str) -> bool:
+    status = subprocess.run(["ray", "job", "status", "--address", address, job_id], env=env, capture_output=True,
+                            text=True, timeout=60)
+    return not any(s in status.stdout for s in ("FAILED", "SUCCEEDED", "STOPPED"))
+
+
 def test_ray_job_stop_marks_the_run_killed(ray_head, s3_tokens, tmp_path):
     from mlflow.tracking import MlflowClient
 
@@ -161,13 +167,16 @@ def test_ray_job_stop_marks_the_run_killed(ray_head, s3_tokens, tmp_path):
     proc = _submit(env, cmd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = re.search(r"raysubmit_[A-Za-z0-9]+", proc.stdout).group(0)
-    client, deadline = MlflowClient(uri), time.time() + 300
+    client, deadline = MlflowClient(uri), time.time() + 600
     while True:  # wait until it trains (a few steps in MLflow)
         record = _run_record(s3_tokens, "stopped")
         if record and record.get("mlflow_run_id"):
             if len(client.get_metric_history(record["mlflow_run_id"], "train/loss")) >= 2:
                 break
-        assert time.time() < deadline, "the job never started training"
+        if time.time() > deadline or not _job_running(env, address, job_id):
+            logs = subprocess.run(["ray", "job", "logs", "--address", address, job_id], env=env,
+                                  capture_output=True, text=True, timeout=60)
+            pytest.fail(f"the job never started training: {logs.stdout[-3000:]}")
         time.sleep(2)
     assert _worker_processes(temp_dir)
     # A second job on the same run_dir while the first runs (even a --resume): refused.
