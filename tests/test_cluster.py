@@ -101,7 +101,8 @@ def _submit(env: dict, cmd: list[str]) -> subprocess.CompletedProcess:
         out = proc.stdout + proc.stderr
         # A freshly started head accepts HTTP before its job agent is up ("No available
         # agent"): that is the cluster starting, not the job failing - try again.
-        if proc.returncode == 0 or not ("No available agent" in out or "Connection refused" in out):
+        if proc.returncode == 0 or not any(s in out for s in ("No available agent", "Connection refused",
+                                                                 "ConnectionRefusedError")):
             break
         time.sleep(10)
     return proc
