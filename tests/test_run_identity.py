@@ -4,6 +4,7 @@ checkpoints loaded as data only, the restart decision made on rank 0, replayed s
 not logged twice, a run whose end was lost closed by `mlflow-sync`."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
@@ -94,7 +95,7 @@ def test_checkpoint_state_loads_as_data_only(root):
     ckpt.write_bytes_atomic(bad, pickle.dumps({"rng": _Planted()}))  # a plain pickle ...
     with pytest.raises(pickle.UnpicklingError, match="rank_00000.pt: refused to load"):
         ckpt.load_torch(bad)
-    buf = __import__("io").BytesIO()
+    buf = io.BytesIO()
     torch.save({"rng": _Planted()}, buf)  # ... and one in torch's own zip format
     ckpt.write_bytes_atomic(bad, buf.getvalue())
     with pytest.raises(pickle.UnpicklingError, match="refused to load"):
@@ -121,15 +122,9 @@ def _decide_with_rank0_late(ckpt_dir: str) -> tuple[int, str | None]:
 
     if comm.rank == 1:
         # Without the broadcast this rank would have chosen by now (no checkpoint yet).
-        threading_done = []
         import threading
 
-        def write_late():
-            time.sleep(0.5)
-            _complete_checkpoint(ckpt_dir, 4, {"run_id": "r"})
-            threading_done.append(True)
-
-        t = threading.Thread(target=write_late)
+        t = threading.Thread(target=lambda: (time.sleep(0.5), _complete_checkpoint(ckpt_dir, 4, {"run_id": "r"})))
         t.start()
     start = decide_start(comm, choose)
     if comm.rank == 1:
