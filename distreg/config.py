@@ -201,6 +201,9 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(0, ge=0)
     resources_per_worker: dict[str, float] = {}
     max_failures: int = Field(0, ge=-1)
+    # A collective that waits longer fails the worker group with a message (a rank that
+    # took another branch, a hung peer) instead of hanging for torch's default 30 minutes.
+    collective_timeout_s: int = Field(300, gt=0)
 
 
 class KeepBestConfig(_Strict):
@@ -266,6 +269,9 @@ class HookSpec(BaseModel):
 
 class RunConfig(_Strict):
     run_dir: str = "runs/default"
+    # A local run_dir on a Ray cluster of several nodes must be a volume every node mounts;
+    # say so here (otherwise it is refused). URLs (s3://, gs://) are shared by nature.
+    run_dir_shared: bool = False
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     strategy: StrategyConfig = StrategyConfig()
@@ -398,9 +404,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{source}: not valid YAML: {e}") from None
+        if raw is None:  # an empty file would silently train the defaults
+            raise ConfigError(f"{source}: the config file is empty (no keys); write the run's settings there "
+                              "(see configs/quickstart.yaml)")
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: top level must be a mapping")
     for key, value in parse_overrides(overrides):

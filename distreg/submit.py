@@ -81,10 +81,12 @@ def run(args) -> int:
     if not args.address:
         print("distreg submit: no --address and no RAY_ADDRESS", file=sys.stderr)
         return 2
-    # Validate locally first: a config error is reported here, not after an upload.
+    # Validate locally first: a config error is reported here, not after an upload (paths
+    # are checked by the job's driver, on the cluster, before its workers start).
     from distreg.config import load_config
+    from distreg.runs.preflight import check_model
 
-    load_config(args.config, args.overrides)
+    check_model(load_config(args.config, args.overrides))
     try:
         return submit(args.address, args.config, args.overrides, args.resume, args.wait, args.working_dir, args.env)
     except Exception as e:  # noqa: BLE001 - turn Ray's auth failure into one clear line

@@ -49,3 +49,14 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server for the session (tests/s3server.py); its environment is exported
+    so that Ray clusters started after it reach the store. Make buckets with
+    `tests.s3server.new_bucket()`."""
+    from tests.s3server import moto_s3
+
+    with moto_s3() as endpoint:
+        yield endpoint

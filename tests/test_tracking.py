@@ -80,9 +80,10 @@ def test_tracking_outage_keeps_training_and_syncs_later(mlflow_server, token_dat
         result = Trainer(cfg).fit()
     assert result.final_step == 3
     lines = (run_dir / FALLBACK).read_text().splitlines()
-    assert len(lines) == 1 + 3  # the run's start record and three steps of metrics
-    assert sync_fallback(str(run_dir), mlflow_server, "outage") == 4
+    assert len(lines) == 1 + 3 + 1  # the run's start record, three steps of metrics, its end
+    assert sync_fallback(str(run_dir), mlflow_server, "outage") == 5
     client = MlflowClient(mlflow_server)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     assert sorted(m.step for m in client.get_metric_history(run_id, "train/loss")) == [1, 2, 3]
     assert client.get_run(run_id).data.params["train.max_steps"] == "3"
+    assert client.get_run(run_id).info.status == "FINISHED"  # the end kept back is applied too

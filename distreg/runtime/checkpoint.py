@@ -12,6 +12,7 @@ one usable (object stores have no atomic directory rename; a marker works everyw
 from __future__ import annotations
 
 import io
+import pickle
 import posixpath
 import re
 import warnings
@@ -45,9 +46,22 @@ def save_torch(url: str, obj) -> None:
     write_bytes_atomic(url, buf.getvalue())
 
 
+# Checkpoints are data, not code: anyone who can write to the bucket must not be able
+# to run code on every worker of the next resume. `weights_only=True` unpickles only
+# tensors, containers and primitives plus the types allow-listed here (none needed so far:
+# trainer, data and hook state are plain dicts of tensors and numbers).
+SAFE_GLOBALS: list = []
+
+
 def load_torch(url: str):
+    """Load a trainer/rank state file: tensors on the CPU (state saved on `cuda:3` loads on
+    any GPU layout), nothing executable. A planted pickle raises `UnpicklingError`."""
     fs, path = fsspec.core.url_to_fs(url)
-    return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=False)
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        try:
+            return torch.load(io.BytesIO(fs.cat_file(path)), weights_only=True, map_location="cpu")
+        except pickle.UnpicklingError as e:
+            raise pickle.UnpicklingError(f"{url}: refused to load (not plain checkpoint data): {e}") from None
 
 
 def complete_checkpoints(root: str) -> list[tuple[int, str]]:

@@ -12,7 +12,6 @@ import json
 import os
 import statistics
 import time
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +29,7 @@ from distreg.runtime.evaluate import Evaluator
 from distreg.runtime.precision import check_precision
 from distreg.runtime.loss import StepCounts, known_counts, local_counts, per_sample_loss, reduction_weights
 from distreg.runtime.step_metrics import StepMetricBuffer
+from distreg.runtime import storage
 from distreg.runtime.strategies import build_strategy
 from distreg.runtime.weights import init_shards_from
 from distreg.tracking.progress import Progress
@@ -48,6 +48,18 @@ class TrainResult:
     mlflow_run_id: str | None = None
     tracking_uri: str | None = None
     eval: dict[str, float] = field(default_factory=dict)  # the latest held-out metrics (eval:)
+    summary: dict | None = None  # rank 0: what summary.json holds (returned to the driver through Ray)
+
+
+@dataclass
+class JobLink:
+    """What the launcher decided for this worker group (all ranks get the same):
+    the run's lineage, the checkpoint to start from, and where saved checkpoints are
+    reported (Ray Train)."""
+
+    run: dict  # {"run_id", "mlflow_run_id", "tracking_uri"}: travels in every checkpoint
+    start_checkpoint: str | None = None  # None: from step 0
+    on_checkpoint: object = None  # callable(path, step), called on every rank after a save
 
 
 class Trainer:
@@ -69,7 +81,7 @@ class Trainer:
         model = self.strategy.create_model(
             lambda device, init: build_model(cfg.model, cfg.train.seed, device, init), lazy)
         self.ctx = HookContext(comm=self.comm, strategy=cfg.strategy.name, model=model,
-                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=cfg.run_dir,
+                               grad_accum_steps=cfg.train.grad_accum_steps, run_dir=hook_files_dir(cfg.run_dir),
                                model_config=cfg.model)
         for hook in self.hooks:
             hook.prepare_model(model, self.ctx)
@@ -163,19 +175,26 @@ class Trainer:
         self.step_metrics.add(self.step, step_loss, grad_norm, local, known)
 
     # -- the loop ------------------------------------------------------------------------
-    def fit(self, resume: bool = False, stop_at: int | None = None) -> TrainResult:
+    def fit(self, resume: bool = False, stop_at: int | None = None, job: JobLink | None = None) -> TrainResult:
         """Train to `train.max_steps` (or stop early after step `stop_at`, as a
-        preemption would, checkpointing there)."""
+        preemption would, checkpointing there). `job`: set by the launcher (the run's
+        identity and start point); without it the Trainer owns its MLflow run and
+        `resume` takes the latest complete checkpoint."""
         cfg = self.cfg
+        self.job = job
         last = min(cfg.train.max_steps, stop_at or cfg.train.max_steps)
         result = TrainResult()
         if self.tracker is not None:
             from distreg.tracking.mlflow_tracker import run_tags
 
-            result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size), cfg.to_yaml())
+            result.mlflow_run_id = self.tracker.start(cfg.flat(), run_tags(cfg.strategy.name, self.comm.world_size),
+                                                      cfg.to_yaml(), run_id=job.run.get("mlflow_run_id") if job else None)
             result.tracking_uri = self.tracker.uri
             self.ctx.artifact_fn = self.tracker.log_artifact
-        if resume:
+        if job is not None:
+            if job.start_checkpoint:
+                self._resume(job.start_checkpoint)
+        elif resume:
             self._resume()
         for hook in self.hooks:
             hook.on_train_start(self.ctx)
@@ -196,11 +215,13 @@ class Trainer:
             status = "FINISHED"
         finally:
             progress.close()
+            sync_hook_files(self.ctx.run_dir, cfg.run_dir)
             if self.tracker is not None:
                 self.tracker.finish(status)
         result.final_step = self.step
         if self.is_main:
-            write_summary(Path(cfg.run_dir) / "summary.json", result, cfg, self.comm.world_size)
+            result.summary = write_summary(storage.join(cfg.run_dir, "summary.json"), result, cfg,
+                                           self.comm.world_size, run_id=job.run["run_id"] if job else None)
         return result
 
     def _log(self, result: TrainResult, progress: Progress, last: int) -> None:
@@ -261,22 +282,41 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------
     def save(self) -> str:
+        job = getattr(self, "job", None)
+        # The run's lineage travels in the checkpoint: a resume continues this run (same
+        # run id, same MLflow run) even if run.json beside it is gone.
+        lineage = job.run if job else {"run_id": None, "mlflow_run_id": self.tracker.run_id if self.tracker else None}
         trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
-                         "config": self.cfg.model_dump(mode="json")}
+                         "config": self.cfg.model_dump(mode="json"), "run": lineage}
         if self.evaluator is not None and self.evaluator.last_step == self.step:
             trainer_state["eval"] = dict(self.evaluator.last)  # checkpoint.keep_best ranks on it
         rank_state = {"rng": ckpt.rng_state(), "hooks": [h.state_dict() for h in self.hooks]}
-        if self.cfg.checkpoint.async_:  # background write, COMPLETE once every rank's upload is done
-            return self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
+        if self.cfg.checkpoint.async_:
+            # Background write, COMPLETE once every rank's upload is done. Not reported to
+            # Ray Train (it would register a checkpoint before it is complete): a restart
+            # finds it on storage once complete (launch._start_checkpoint).
+            path = self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
                                                    rank_state, self.cfg.checkpoint.keep_last)
-        return ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
+            sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
+            return path
+        path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
                                     self.comm, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_best)
+        sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
+        if job is not None and job.on_checkpoint is not None:
+            job.on_checkpoint(path, self.step)
+        return path
 
     def _async_checkpointer(self):
         if getattr(self, "_async_ckpt", None) is None:
+            import tempfile
+
             from distreg.runtime.async_checkpoint import AsyncCheckpointer
 
-            self._async_ckpt = AsyncCheckpointer(self.comm, os.path.join(self.cfg.run_dir, ".checkpoint_stage"))
+            # A rank-local staging folder: under a local run_dir, or a temporary one when
+            # run_dir is a URL (never inside the hook-files folder that is synced to it).
+            stage = (tempfile.mkdtemp(prefix="distreg-ckpt-stage-") if storage.is_url(self.cfg.run_dir)
+                     else os.path.join(self.cfg.run_dir, ".checkpoint_stage"))
+            self._async_ckpt = AsyncCheckpointer(self.comm, stage)
         return self._async_ckpt
 
     def wait_for_checkpoint(self) -> None:
@@ -284,13 +324,16 @@ class Trainer:
         if getattr(self, "_async_ckpt", None) is not None:
             self._async_ckpt.wait()
 
-    def _resume(self) -> None:
-        found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
-        if found is None:
-            if self.is_main:
-                print(f"--resume: no complete checkpoint under {self.cfg.checkpoint_dir}; starting from step 0")
-            return
-        step, path = found
+    def _resume(self, path: str | None = None) -> None:
+        """Restore from `path` (decided by the launcher, the same on every rank) or, for a
+        standalone Trainer, the latest complete checkpoint."""
+        if path is None:
+            found = ckpt.latest_checkpoint(self.cfg.checkpoint_dir)
+            if found is None:
+                if self.is_main:
+                    print(f"--resume: no complete checkpoint under {self.cfg.checkpoint_dir}; starting from step 0")
+                return
+            path = found[1]
         trainer_state, rank_state = ckpt.load_checkpoint(path, self.strategy, self.comm)
         self.step = self.ctx.step = trainer_state["step"]
         self.data.load_state_dict(trainer_state["data"])
@@ -298,19 +341,38 @@ class Trainer:
         for hook, state in zip(self.hooks, rank_state["hooks"]):
             hook.load_state_dict(state)
         if self.is_main:
-            print(f"resumed from {path} (step {step})")
+            print(f"resumed from {path} (step {self.step})")
 
 
-def write_summary(path: Path, result: TrainResult, cfg: RunConfig, world_size: int) -> None:
-    """`<run_dir>/summary.json`: what scripts read after a run."""
-    summary = summary_dict(result, cfg, world_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(summary, indent=1))
-    tmp.replace(path)
+def hook_files_dir(run_dir: str) -> str:
+    """Where hooks write their files (plots, reports): run_dir itself when local; for an
+    object-store run_dir a local staging folder that `sync_hook_files` copies under
+    run_dir at every checkpoint and at the end (hooks write with plain file APIs)."""
+    if not storage.is_url(run_dir):
+        return run_dir
+    import tempfile
+
+    return tempfile.mkdtemp(prefix="distreg-hook-files-")
 
 
-def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
+def sync_hook_files(local_dir: str, run_dir: str) -> None:
+    if local_dir == run_dir or not os.path.isdir(local_dir) or not os.listdir(local_dir):
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(run_dir)
+    fs.put(local_dir.rstrip("/") + "/", path.rstrip("/") + "/", recursive=True)
+
+
+def write_summary(path: str, result: TrainResult, cfg: RunConfig, world_size: int, run_id: str | None = None) -> dict:
+    """`<run_dir>/summary.json` (run_dir may be a URL): what scripts read after a run;
+    also returned, for the driver to get through Ray."""
+    summary = summary_dict(result, cfg, world_size, run_id)
+    storage.write_text(str(path), json.dumps(summary, indent=1))
+    return summary
+
+
+def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int, run_id: str | None = None) -> dict:
     """What a run reports at its end (summary.json, and to the driver through Ray)."""
     import resource
 
@@ -327,7 +389,7 @@ def summary_dict(result: TrainResult, cfg: RunConfig, world_size: int) -> dict:
         "peak_device_mem_gb": result.peak_device_mem_gb,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_gpu_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
-        "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
+        "run_id": run_id, "mlflow_run_id": result.mlflow_run_id, "checkpoint": result.checkpoint,
         "losses": {str(k): v for k, v in sorted(result.losses.items())[-100:]},
         "eval": result.eval,
     }
@@ -351,9 +413,10 @@ def worker_device(cfg: RunConfig) -> torch.device:
     return device
 
 
-def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None) -> TrainResult:
+def train_worker(config: dict, resume: bool = False, track: bool = True, stop_at: int | None = None,
+                 job: JobLink | None = None) -> TrainResult:
     """Entry point on every rank (Ray Train worker or a spawned test process); the
     process group is already initialised by the launcher."""
     cfg = RunConfig.model_validate(config)
     device = worker_device(cfg)
-    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at)
+    return Trainer(cfg, Comm(), device, track=track).fit(resume=resume, stop_at=stop_at, job=job)

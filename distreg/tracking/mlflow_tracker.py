@@ -3,7 +3,14 @@
 Metrics go into a queue; a daemon thread sends them with `log_batch`. If the tracking
 server is unreachable (at start or mid-run) the run keeps training: a warning is
 printed once and every record that could not be sent is appended to
-`<run_dir>/mlflow_fallback.jsonl`; `distreg mlflow-sync RUN_DIR` uploads it later.
+`<run_dir>/mlflow_fallback.jsonl` (run_dir may be a URL); `distreg mlflow-sync RUN_DIR`
+uploads it later, and closes the run when its end was kept back too.
+
+Under `distreg train` the driver owns the MLflow run (`open_run` / `close_run`: one run
+per job, FINISHED / FAILED / KILLED set there); rank 0's tracker attaches to it and only
+logs metrics. A tracker that attaches to a run with history (a resume, a restarted
+worker group) logs only the steps after the last one MLflow already has, so replayed
+steps never give duplicate points.
 """
 from __future__ import annotations
 
@@ -15,6 +22,8 @@ import threading
 import time
 import warnings
 from pathlib import Path
+
+from distreg.runtime import storage
 
 import distreg
 
@@ -28,7 +37,13 @@ RUN_ID_FILE = "mlflow_run_id"
 
 
 def default_tracking_uri(run_dir: str) -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if storage.is_url(run_dir):
+        # sqlite needs a local file; an object-store run_dir needs a tracking server.
+        raise ValueError(f"tracking.uri: run_dir {run_dir} is an object-store URL, which cannot hold the sqlite "
+                         "MLflow store: set tracking.uri (or MLFLOW_TRACKING_URI) to a tracking server or a shared path")
+    return f"sqlite:///{Path(run_dir).resolve() / 'mlflow.db'}"
 
 
 def git_commit() -> str | None:
@@ -41,8 +56,7 @@ def git_commit() -> str | None:
 
 class MlflowTracker:
     def __init__(self, run_dir: str, uri: str | None, experiment: str, run_name: str | None):
-        self.run_dir = Path(run_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir = run_dir
         self.uri = uri or default_tracking_uri(run_dir)
         self.experiment, self.run_name = experiment, run_name
         self.run_id: str | None = None
@@ -50,44 +64,37 @@ class MlflowTracker:
         self._queue: queue.Queue = queue.Queue()
         self._warned = False
         self._thread: threading.Thread | None = None
+        self.logged_through = 0  # steps <= this are already in MLflow (attached runs)
+        self.owns_run = True  # False: the driver closes the run
 
     # -- start ---------------------------------------------------------------------
-    def start(self, params: dict, tags: dict, config_yaml: str) -> str | None:
-        """Create (or resume, via <run_dir>/mlflow_run_id) the run. Never raises."""
-        import mlflow
+    def start(self, params: dict, tags: dict, config_yaml: str, run_id: str | None = None) -> str | None:
+        """Create a new run, or attach to `run_id` (the job's run, owned by the driver).
+        Never raises."""
         from mlflow.tracking import MlflowClient
 
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
-            id_file = self.run_dir / RUN_ID_FILE
-            if id_file.exists():
-                self.run_id = id_file.read_text().strip()
-                self.client.update_run(self.run_id, status="RUNNING")
+            if run_id:
+                self.run_id, self.owns_run = run_id, False
+                self.logged_through = last_logged_step(self.client, run_id)
             else:
-                exp = self.client.get_experiment_by_name(self.experiment)
-                exp_id = exp.experiment_id if exp else self.client.create_experiment(self.experiment)
-                run = self.client.create_run(exp_id, run_name=self.run_name, tags=tags)
-                self.run_id = run.info.run_id
-                id_file.write_text(self.run_id + "\n")
-                self._log_params(params)
-                self.client.log_text(self.run_id, config_yaml, "config.yaml")
+                self.run_id = create_run(self.client, self.experiment, self.run_name, params, tags, config_yaml)
+                storage.write_text(storage.join(self.run_dir, RUN_ID_FILE), self.run_id + "\n")
         except Exception as e:  # noqa: BLE001 - any tracking failure must not stop training
             self._degrade(f"cannot reach MLflow at {self.uri}: {e}")
-            self._fallback({"kind": "start", "params": params, "tags": tags, "config": config_yaml})
+            if run_id is None:
+                self._fallback({"kind": "start", "params": params, "tags": tags, "config": config_yaml})
         self._thread = threading.Thread(target=self._drain, name="mlflow-tracker", daemon=True)
         self._thread.start()
         return self.run_id
 
-    def _log_params(self, params: dict) -> None:
-        from mlflow.entities import Param
-
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i : i + 100])
-
     # -- metrics ---------------------------------------------------------------------
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
-        """Non-blocking: queue for the sender thread."""
+        """Non-blocking: queue for the sender thread. Steps MLflow already holds (replayed
+        after a resume: identical values) are dropped."""
+        if step <= self.logged_through:
+            return
         self._queue.put((step, int(time.time() * 1000), dict(metrics)))
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
@@ -135,25 +142,84 @@ class MlflowTracker:
 
     def _degrade(self, why: str) -> None:
         if not self._warned:
-            warnings.warn(f"{why}; training continues, unsent records go to {self.run_dir / FALLBACK} "
+            warnings.warn(f"{why}; training continues, unsent records go to {storage.join(self.run_dir, FALLBACK)} "
                           f"(upload later with `distreg mlflow-sync {self.run_dir}`)", stacklevel=2)
             self._warned = True
 
     def _fallback(self, record: dict) -> None:
         record["run_id"] = self.run_id
-        with open(self.run_dir / FALLBACK, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        storage.append_text(storage.join(self.run_dir, FALLBACK), json.dumps(record) + "\n")
 
     # -- end ---------------------------------------------------------------------
     def finish(self, status: str = "FINISHED") -> None:
+        """Flush the queue; close the run only if this tracker created it."""
         if self._thread is not None:
             self._queue.put(None)
             self._thread.join(timeout=120)
-        if self.run_id is not None:
+        if self.owns_run:
+            close_run(self.uri, self.run_id, status, self.run_dir, client=self.client)
+
+
+def create_run(client, experiment: str, run_name: str | None, params: dict, tags: dict, config_yaml: str) -> str:
+    from mlflow.entities import Param
+
+    exp = client.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else client.create_experiment(experiment)
+    run_id = client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    return run_id
+
+
+def last_logged_step(client, run_id: str, key: str = "train/loss") -> int:
+    history = client.get_metric_history(run_id, key)
+    return max((m.step for m in history), default=0)
+
+
+def open_run(uri: str, experiment: str, run_name: str | None, params: dict, tags: dict, config_yaml: str,
+             run_id: str | None, run_dir: str) -> str | None:
+    """The driver's side: the job's MLflow run, reopened (RUNNING) when `run_id` is the
+    run being resumed, else created. None when MLflow is unreachable (rank 0's tracker
+    then keeps the records in the fallback file)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        if run_id:
             try:
-                self.client.set_terminated(self.run_id, status=status)
-            except Exception as e:  # noqa: BLE001
-                self._degrade(f"closing the MLflow run failed: {e}")
+                client.update_run(run_id, status="RUNNING")
+                return run_id
+            except MlflowException as e:
+                if "RESOURCE_DOES_NOT_EXIST" not in str(e.error_code):
+                    raise
+                warnings.warn(f"MLflow run {run_id} of this lineage is not in {uri} (another tracking URI?): "
+                              "the resumed run continues in a new MLflow run", stacklevel=2)
+        return create_run(client, experiment, run_name, params, tags, config_yaml)
+    except Exception as e:  # noqa: BLE001 - a tracking outage must not stop the job
+        warnings.warn(f"cannot reach MLflow at {uri}: {e}; rank 0 keeps unsent records in "
+                      f"{storage.join(run_dir, FALLBACK)}", stacklevel=2)
+        return None
+
+
+def close_run(uri: str, run_id: str | None, status: str, run_dir: str, client=None) -> None:
+    """Set the terminal status; if MLflow cannot be reached, keep an `end` record in the
+    fallback file so `distreg mlflow-sync` closes the run later."""
+    if run_id is None:
+        storage.append_text(storage.join(run_dir, FALLBACK), json.dumps({"kind": "end", "status": status,
+                                                                         "run_id": None}) + "\n")
+        return
+    try:
+        from mlflow.tracking import MlflowClient
+
+        (client or MlflowClient(tracking_uri=uri)).set_terminated(run_id, status=status)
+    except Exception as e:  # noqa: BLE001
+        warnings.warn(f"closing MLflow run {run_id} ({status}) failed: {e}; kept for `distreg mlflow-sync`",
+                      stacklevel=2)
+        storage.append_text(storage.join(run_dir, FALLBACK),
+                            json.dumps({"kind": "end", "status": status, "run_id": run_id}) + "\n")
 
 
 def sync_fallback(run_dir: str, uri: str | None = None, experiment: str = "distreg") -> int:
@@ -162,11 +228,12 @@ def sync_fallback(run_dir: str, uri: str | None = None, experiment: str = "distr
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    path = Path(run_dir) / FALLBACK
-    if not path.exists():
+    url = storage.join(run_dir, FALLBACK)
+    text = storage.read_text(url)
+    if text is None:
         return 0
     client = MlflowClient(tracking_uri=uri or default_tracking_uri(run_dir))
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
     run_id = next((r["run_id"] for r in records if r.get("run_id")), None)
     sent = 0
     for r in records:
@@ -177,11 +244,14 @@ def sync_fallback(run_dir: str, uri: str | None = None, experiment: str = "distr
             for k, v in r["params"].items():
                 client.log_param(run_id, k, str(v)[:6000])
             client.log_text(run_id, r["config"], "config.yaml")
-            (Path(run_dir) / RUN_ID_FILE).write_text(run_id + "\n")
+            storage.write_text(storage.join(run_dir, RUN_ID_FILE), run_id + "\n")
         elif r["kind"] == "metrics":
             client.log_batch(run_id, metrics=[Metric(k, float(v), r["ts"], r["step"]) for k, v in r["metrics"].items()])
+        elif r["kind"] == "end":  # the run's end was lost in the outage: close it now
+            client.set_terminated(r.get("run_id") or run_id, status=r["status"])
         sent += 1
-    path.rename(path.with_suffix(".jsonl.synced"))
+    storage.write_text(url + ".synced", text)
+    storage.remove(url)
     return sent
 
 
