@@ -120,11 +120,16 @@ def io_weight_names(model: nn.Module) -> set[str]:
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
             out.add(f"{name}.weight")
-            tables.add(tuple(mod.weight.shape))
+            tables.add(_full_shape(mod.weight))
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (name in OUTPUT_HEADS or tuple(mod.weight.shape) in tables):
+        if isinstance(mod, nn.Linear) and (name in OUTPUT_HEADS or _full_shape(mod.weight) in tables):
             out.add(f"{name}.weight")
     return out
+
+
+def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
+    """A parameter's full shape (ZeRO-3 partitions hold shape (0,) and keep it in ds_shape)."""
+    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 class EveryParams(Hook.Params):
