@@ -34,6 +34,7 @@ PARAMS = {
     "mba_l2": {"lam": 0.01},
     "nested_dropout": {"sigma": 3.0},
     "ps_kd": {"num_epochs": 2},
+    "quant_noise": {"bits": 4, "report_every": 1},
     "random_pruning": {"density": 0.3},
     "sorsa": {"rank": 4},
     "z_loss_spherical": {"a": 1.0, "b": 0.0},
@@ -42,6 +43,10 @@ PARAMS = {
 SKIP = {
     "distillation": "needs teacher checkpoints on disk; its tensors follow the student's device "
                     "(covered by tests/hooks/test_distillation_hook.py on CPU)",
+    "self_distill_gt": "needs a teacher checkpoint on disk; the teacher moves to the logits' device "
+                       "(covered by tests/hooks/test_self_distill_gt_hook.py on CPU)",
+    "fire_together": "needs a torchvision CNN (Conv2d followed by BatchNorm); this harness builds Llama / MLP "
+                     "models (covered by tests/hooks/test_fire_together_hook.py on CPU)",
 }
 # Hooks for classifiers / regressors get a small MLP with a `output` head instead of Llama.
 TASK = {"elr": "classify", "ps_kd": "classify", "cs_ib": "regress"}
