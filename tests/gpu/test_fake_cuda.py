@@ -195,3 +195,27 @@ def test_unsupported_precision_refused_at_config_time(overrides, field):
     # Supported neighbours load: bf16 everywhere, DeepSpeed fp16 without gradient writers.
     load_config(None, ["strategy.name=ddp", "strategy.mixed_precision.param_dtype=bf16"])
     load_config(None, ["strategy.name=deepspeed", "strategy.mixed_precision.param_dtype=fp16", "hooks=[{name: param_norm}]"])
+
+
+def test_deepspeed_reduces_in_reduce_dtype():
+    from distreg.config import load_config
+    from distreg.runtime.strategies.deepspeed_zero import DeepSpeedStrategy
+
+    cfg = load_config(None, ["strategy.name=deepspeed", "strategy.mixed_precision.param_dtype=bf16",
+                             "strategy.mixed_precision.reduce_dtype=fp32", "scaling.num_workers=1"])
+    ds = DeepSpeedStrategy(cfg, Comm(), torch.device("cpu")).ds_config()
+    assert ds["bf16"]["enabled"] and ds["communication_data_type"] == "fp32"
+
+
+def test_ddp_honours_bf16_by_autocast():
+    """DDP used to ignore mixed_precision (silent fp32): its forward now runs under autocast."""
+    from distreg.config import load_config
+    from distreg.runtime.strategies.torch_native import DDPStrategy
+
+    for dtype, expect in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = load_config(None, ["strategy.name=ddp", f"strategy.mixed_precision.param_dtype={dtype}",
+                                 "scaling.num_workers=1"])
+        strategy = DDPStrategy(cfg, Comm(), torch.device("cpu"))
+        strategy.model = torch.nn.Linear(4, 4)
+        with strategy.accumulation_context(True):
+            assert strategy.model(torch.randn(2, 4)).dtype == expect
