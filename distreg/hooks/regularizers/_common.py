@@ -116,20 +116,18 @@ def io_weight_names(model: nn.Module) -> set[str]:
     blocks of a small Llama together) and that the methods' papers do not constrain.
     Output head = a top-level Linear named in OUTPUT_HEADS, or any Linear shaped like an
     embedding table (a tied or untied LM head)."""
+    def full_shape(p: torch.Tensor) -> tuple[int, ...]:  # ZeRO-3 partitions keep it in ds_shape
+        return tuple(getattr(p, "ds_shape", p.shape))
+
     out, tables = set(), set()
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Embedding):
             out.add(f"{name}.weight")
-            tables.add(_full_shape(mod.weight))
+            tables.add(full_shape(mod.weight))
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and (name in OUTPUT_HEADS or _full_shape(mod.weight) in tables):
+        if isinstance(mod, nn.Linear) and (name in OUTPUT_HEADS or full_shape(mod.weight) in tables):
             out.add(f"{name}.weight")
     return out
-
-
-def _full_shape(p: torch.Tensor) -> tuple[int, ...]:
-    """A parameter's full shape (ZeRO-3 partitions hold shape (0,) and keep it in ds_shape)."""
-    return tuple(getattr(p, "ds_shape", p.shape))
 
 
 class EveryParams(Hook.Params):
