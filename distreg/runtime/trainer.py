@@ -205,11 +205,15 @@ class Trainer:
                 t0 = time.perf_counter()
                 self.step_on_device()
                 result.step_times.append(time.perf_counter() - t0)  # host time (the device may run behind)
-                self._log(result, progress, last)
+                every = cfg.checkpoint.every
+                checkpoint_due = bool(every and self.step % every == 0) or self.step == last
+                # A checkpoint also flushes the metrics buffered since the last logging
+                # step: a restart resumes after it, so steps up to it are never re-run
+                # and their losses must be in MLflow before a crash can drop the buffer.
+                self._log(result, progress, last, flush=checkpoint_due)
                 if self.evaluator is not None and self.evaluator.due(self.step, last):
                     result.eval = self.evaluator.run_logged(self.strategy, self.step, self.tracker, progress)
-                every = cfg.checkpoint.every
-                if (every and self.step % every == 0) or self.step == last:
+                if checkpoint_due:
                     result.checkpoint = self.save()
             self.wait_for_checkpoint()
             status = "FINISHED"
@@ -224,11 +228,11 @@ class Trainer:
                                            self.comm.world_size, run_id=job.run["run_id"] if job else None)
         return result
 
-    def _log(self, result: TrainResult, progress: Progress, last: int) -> None:
-        """On logging steps (train.log_every, and the last step) only: read the interval's
+    def _log(self, result: TrainResult, progress: Progress, last: int, flush: bool = False) -> None:
+        """On logging steps (train.log_every, checkpoint steps, the last step) only: read the interval's
         metrics back (one all-reduce, one host read), record every buffered step's loss in
         `result` and MLflow (`train/loss` per step, sent now), throughput over the interval."""
-        if not (self.step % self.cfg.train.log_every == 0 or self.step == last):
+        if not (flush or self.step % self.cfg.train.log_every == 0 or self.step == last):
             return
         records, elapsed = self.step_metrics.flush()
         if not records:
