@@ -15,7 +15,8 @@ install: .install-stamp
 
 quickstart: install
 	@test -f data/quickstart_tokens/index.json || $(PYTHON) -m distreg.cli data synth-tokens data/quickstart_tokens
-	$(PYTHON) -m distreg.cli train configs/quickstart.yaml
+	@# Each invocation is a new run (a used run_dir is refused unless --resume).
+	$(PYTHON) -m distreg.cli train configs/quickstart.yaml --set run_dir=runs/quickstart/$$(date +%Y%m%d-%H%M%S)
 
 test: install
 	DS_ACCELERATOR=cpu $(PYTHON) -m pytest -q tests
