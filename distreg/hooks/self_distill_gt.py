@@ -22,7 +22,7 @@ from torch import nn
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import register
 from distreg.hooks.regularizers._common import F64, StatHook, per_sample_mean, valid_targets
-from distreg.hooks.regularizers.distillation import TeacherSpec, build_teacher, student_model_config
+from distreg.hooks.regularizers.distillation import TeacherSpec, build_teacher, student_model_config, teacher_paths
 from distreg.regularizers.self_distill_gt import mixed_targets, mse_softmax_rows, soft_ce_rows
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -35,12 +35,7 @@ class SelfDistillGT(StatHook):
 
     @classmethod
     def resolve_paths(cls, params: dict, resolve) -> dict:
-        teacher = params.get("teacher")
-        if isinstance(teacher, dict):
-            teacher = {k: resolve(v) if k in ("checkpoint", "config") and isinstance(v, str) else v
-                       for k, v in teacher.items()}
-            return {**params, "teacher": teacher}
-        return params
+        return {**params, "teacher": teacher_paths(params["teacher"], resolve)} if "teacher" in params else params
 
     class Params(StatHook.Params):
         teacher: TeacherSpec = Field(description="the previous round's checkpoint (and config; null: the student's)")

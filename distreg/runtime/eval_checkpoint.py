@@ -21,7 +21,7 @@ import torch
 
 from distreg.config import RunConfig
 from distreg.runtime.comm import Comm
-from distreg.runtime.weights import CheckpointError, read_weights, resolve_checkpoint
+from distreg.runtime.weights import CheckpointError, read_weights, resolve_checkpoint, write_shards
 
 # Hooks that change the parameter set in prepare_model (the driver's name check needs
 # their weights, so it leaves those configs to the workers' load).
@@ -120,14 +120,7 @@ def load_weights(strategy, path: str, rank: int) -> dict[str, torch.Tensor]:
     """Parameters (this rank's shards) and buffers of `path` into the set-up strategy.
     Returns the weights read (callers may inspect them)."""
     weights = read_weights(path)
-    for shard in strategy.local_shards():
-        if shard.name not in weights:
-            raise CheckpointError(f"--checkpoint {path}: no weights for parameter {shard.name}")
-        full = weights[shard.name].reshape(-1)
-        if full.numel() != shard.full_shape.numel():
-            raise CheckpointError(f"--checkpoint {path}: {shard.name} has {full.numel()} values, the model's has "
-                                  f"{shard.full_shape.numel()} ({tuple(shard.full_shape)})")
-        shard.write(full[shard.flat_start:shard.flat_start + shard.numel].to(shard.data().dtype))
+    write_shards(strategy.local_shards(), weights, f"--checkpoint {path}")
     for name, p in strategy.module.named_parameters():
         if not p.requires_grad and name in weights:
             _write_frozen(p, weights[name], rank)

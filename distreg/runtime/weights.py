@@ -116,12 +116,17 @@ def init_shards_from(shards, path: str) -> None:
         from distreg.interop.hf_import import init_shards_from_hf
 
         return init_shards_from_hf(shards, path)
-    weights = read_weights(path)
+    write_shards(shards, read_weights(path), f"model.init_from={path}")
+
+
+def write_shards(shards, weights: dict[str, torch.Tensor], source: str) -> None:
+    """Write each shard's range of the full tensors in `weights` (name -> tensor);
+    a missing or wrongly sized tensor is a CheckpointError naming `source`."""
     for shard in shards:
         if shard.name not in weights:
-            raise CheckpointError(f"model.init_from={path}: no weights for parameter {shard.name}")
+            raise CheckpointError(f"{source}: no weights for parameter {shard.name}")
         full = weights[shard.name].reshape(-1)
         if full.numel() != shard.full_shape.numel():
-            raise CheckpointError(f"model.init_from={path}: {shard.name} has {full.numel()} values, "
+            raise CheckpointError(f"{source}: {shard.name} has {full.numel()} values, "
                                   f"the model's has {shard.full_shape.numel()} ({tuple(shard.full_shape)})")
         shard.write(full[shard.flat_start:shard.flat_start + shard.numel].to(shard.data().dtype))

@@ -123,6 +123,13 @@ class TeacherSpec(BaseModel):
         return items
 
 
+def teacher_paths(teacher, resolve):
+    """A teacher entry (YAML mapping) with its `checkpoint` and `config` paths resolved."""
+    if not isinstance(teacher, dict):
+        return teacher
+    return {k: resolve(v) if k in ("checkpoint", "config") and isinstance(v, str) else v for k, v in teacher.items()}
+
+
 class Calibrate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -231,8 +238,7 @@ class Distillation(StatHook):
     @classmethod
     def resolve_paths(cls, params: dict, resolve) -> dict:
         """Teachers' `checkpoint` and `config` are read on every worker: make them absolute."""
-        teachers = [{k: resolve(v) if k in ("checkpoint", "config") and isinstance(v, str) else v
-                     for k, v in t.items()} if isinstance(t, dict) else t for t in params.get("teachers", [])]
+        teachers = [teacher_paths(t, resolve) for t in params.get("teachers", [])]
         return {**params, "teachers": teachers} if "teachers" in params else params
 
     class Params(StatHook.Params):
