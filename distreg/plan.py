@@ -6,8 +6,20 @@ Per-rank bytes, for the rank holding the most (shards can be uneven):
   params      the optimizer's master copy (fp32)       DDP/ZeRO-1/2: whole; FSDP2/ZeRO-3: shard
   grads       reduced gradients (fp32)                 DDP/ZeRO-1: whole; ZeRO-2/3, FSDP2: shard
   optimizer   AdamW moments, 2 x fp32 (SGD+momentum 1) DDP: whole; ZeRO-1/2/3, FSDP2: shard
-  gathered    FSDP2/ZeRO-3 only: the largest unsharded block in param_dtype during its
-              forward/backward (the transient all-gather buffer)
+  gathered    FSDP2/ZeRO-3 only, unsharded parameters in param_dtype at the peak:
+              FSDP2: the root's own parameters (embedding, output, final norm: the root
+              is not resharded after forward, they stay gathered through backward) plus
+              two blocks (the one computing and the one FSDP2 prefetches);
+              ZeRO-3: the small persistent parameters (each < DeepSpeed's
+              stage3_param_persistence_threshold, gathered for good) plus the largest
+              block and the prefetch bucket (stage3_prefetch_bucket_size), at most
+              stage3_max_live_parameters
+  grad buffers  unsharded gradients before their reduction:
+              FSDP2: one block's gradients in param_dtype (+ the reduce_dtype copy
+              reduce-scatter sends when the two differ);
+              DeepSpeed: the contiguous reduce bucket, reduce_bucket_size elements
+              (two with overlap_comm, DeepSpeed's default under ZeRO-3)
+DeepSpeed's bucket sizes are its defaults (distreg does not override them).
 Activations are not included (they depend on micro-batch size and checkpointing).
 """
 from __future__ import annotations
@@ -21,6 +33,12 @@ from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, transformer_blocks
 
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# DeepSpeed ZeRO defaults (deepspeed.runtime.zero.config.DeepSpeedZeroConfig), in elements.
+DS_REDUCE_BUCKET = 500_000_000
+DS_PREFETCH_BUCKET = 50_000_000
+DS_MAX_LIVE = 1_000_000_000
+DS_PERSISTENCE_THRESHOLD = 100_000
 
 
 def _shard_numel(shape: torch.Size, world: int, rank: int, how: str) -> int:
@@ -54,16 +72,7 @@ def plan(cfg: RunConfig, world_size: int | None = None) -> dict:
         o = sum(_shard_numel(t.shape, world, rank, opt_how) for t in trainable)
         per_rank.append((p, g, o))
     p, g, o = max(per_rank, key=lambda x: sum(x))
-    gathered = 0
-    if sharded_params:
-        from distreg.models.moe import expert_parameters
-
-        # MoE experts stay expert-parallel (each rank computes with its own experts):
-        # they are never part of the all-gathered block.
-        experts = {id(t) for t in expert_parameters(model)}
-        blocks = transformer_blocks(model) or [model]
-        gathered = max(sum(t.numel() for t in b.parameters() if id(t) not in experts) for b in blocks) \
-            * _BYTES[s.mixed_precision.param_dtype]
+    gathered, grad_buffers = _transient_bytes(model, s)
     from distreg.plan_hooks import hook_memory
 
     hook_rows = hook_memory(cfg, build_hooks(cfg.hooks), model, world,
@@ -74,8 +83,40 @@ def plan(cfg: RunConfig, world_size: int | None = None) -> dict:
         "world_size": world, "strategy": s.name if s.name != "deepspeed" else f"deepspeed ZeRO-{s.zero_stage}",
         "params": total, "trainable": sum(t.numel() for t in trainable),
         "hooks": hook_rows,
-        "bytes": {"params": 4 * p, "grads": 4 * g, "optimizer": 4 * moments * o, "gathered": gathered, **{f"hook:{k}": v for k, v in hook_bytes.items()}},
+        "bytes": {"params": 4 * p, "grads": 4 * g, "optimizer": 4 * moments * o, "gathered": gathered, "grad buffers": grad_buffers, **{f"hook:{k}": v for k, v in hook_bytes.items()}},
     }
+
+
+def _transient_bytes(model, s) -> tuple[int, int]:
+    """(gathered, grad buffers) bytes at the peak of a step, per rank (module docstring)."""
+    from distreg.models.moe import expert_parameters
+
+    param_bytes = _BYTES[s.mixed_precision.param_dtype]
+    # MoE experts stay expert-parallel (each rank computes with its own experts):
+    # they are never part of an all-gathered block or its gradient reduction.
+    experts = {id(t) for t in expert_parameters(model)}
+    blocks = transformer_blocks(model) or [model]
+    in_blocks = {id(t) for b in blocks for t in b.parameters()}
+    block = max(sum(t.numel() for t in b.parameters() if id(t) not in experts) for b in blocks)
+    root_own = sum(t.numel() for t in model.parameters() if id(t) not in in_blocks and id(t) not in experts)
+    if s.name == "fsdp2":
+        mp = s.mixed_precision
+        grads = block * (param_bytes + (_BYTES[mp.reduce_dtype] if mp.reduce_dtype != mp.param_dtype else 0))
+        if len(blocks) == 1 and blocks[0] is model:  # no blocks: the model is one FSDP unit
+            return block * param_bytes, grads
+        return (root_own + 2 * block) * param_bytes, grads
+    if s.name != "deepspeed":
+        return 0, 0
+    if s.zero_stage < 3:
+        # ZeRO-1 stages fp32 accumulators under bf16/fp16; ZeRO-2 keeps param_dtype.
+        bucket_bytes = 4 if s.zero_stage == 1 else param_bytes
+        return 0, DS_REDUCE_BUCKET * bucket_bytes
+    def partitioned(module) -> int:  # the tensors ZeRO-3 gathers and frees again
+        return sum(t.numel() for t in module.parameters() if id(t) not in experts and t.numel() >= DS_PERSISTENCE_THRESHOLD)
+
+    persistent = sum(t.numel() for t in model.parameters() if id(t) not in experts) - partitioned(model)
+    live = min(max(partitioned(b) for b in blocks) + DS_PREFETCH_BUCKET, DS_MAX_LIVE, partitioned(model))
+    return (persistent + live) * param_bytes, 2 * DS_REDUCE_BUCKET * param_bytes
 
 
 def format_plan(info: dict) -> str:

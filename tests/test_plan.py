@@ -11,6 +11,7 @@ from distreg.plan import plan
 
 N_7B = 6_738_415_616  # Llama-2-7B parameter count
 BLOCK_7B = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096  # attention + SwiGLU + 2 norms
+ROOT_7B = 2 * 32000 * 4096 + 4096  # embedding + output + final norm: FSDP2's root unit
 
 
 @pytest.mark.parametrize("strategy,stage,expect", [
@@ -31,7 +32,21 @@ def test_7b_per_rank_memory(strategy, stage, expect):
             assert got[key] == value, key
     if strategy == "deepspeed":
         assert 8 * N_7B // 32 <= got["optimizer"] <= 8 * (N_7B // 32 + 292)  # <= one element of padding per tensor
-    assert got["gathered"] == (2 * BLOCK_7B if strategy == "fsdp2" else 0)
+    # bf16 parameters, fp32 reduction. FSDP2: the root stays gathered through backward, plus
+    # the computing and the prefetched block; one block's bf16 gradients + their fp32 copy.
+    # DeepSpeed ZeRO-2: nothing gathered; its default 5e8-element bf16 reduce bucket.
+    assert got["gathered"] == {"fsdp2": 2 * (ROOT_7B + 2 * BLOCK_7B)}.get(strategy, 0)
+    assert got["grad buffers"] == {"fsdp2": (2 + 4) * BLOCK_7B, "deepspeed": 2 * 500_000_000}.get(strategy, 0)
+
+
+def test_zero3_gathered_is_persistent_params_plus_block_and_prefetch_bucket():
+    cfg = load_config(None, ["model.preset=llama2-7b", "strategy.name=deepspeed", "strategy.zero_stage=3",
+                             "strategy.mixed_precision.param_dtype=bf16", "scaling.num_workers=32",
+                             "train.global_batch_size=64"])
+    got = plan(cfg)["bytes"]
+    norms = (2 * 32 + 1) * 4096  # every RMSNorm weight is under the 1e5-element persistence threshold
+    assert got["gathered"] == 2 * (norms + BLOCK_7B - 2 * 4096 + 50_000_000)
+    assert got["grad buffers"] == 2 * 2 * 500_000_000  # overlap_comm: two bf16 reduce buckets
 
 
 def test_dry_run_prints_plan_without_training():
@@ -51,7 +66,9 @@ def test_moe_experts_are_split_by_expert_and_never_gathered():
     expert_numel = 3 * dim * ffn  # w1, w3, w2 of one expert
     block_non_expert = sum(p.numel() for n, p in _tiny_moe_block(cfg).named_parameters() if n.split(".")[-1] not in
                            ("w1", "w2", "w3"))
-    assert info["bytes"]["gathered"] == 4 * block_non_expert  # fp32, attention + norms + router only
+    root = 2 * 256 * dim + dim  # embedding + output + final norm
+    # fp32: the root and two blocks, each attention + norms + router only
+    assert info["bytes"]["gathered"] == 4 * (root + 2 * block_non_expert)
     assert block_non_expert < expert_numel * E  # the experts would have dominated
     per_rank_experts = layers * expert_numel  # one expert of each layer
     assert info["bytes"]["params"] >= 4 * per_rank_experts
