@@ -18,6 +18,7 @@ import torch
 
 from distreg.config import RunConfig
 from distreg.data import build_data
+from distreg.data.device_input import model_input
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
@@ -124,9 +125,12 @@ class Trainer:
     def _to_device(self, batches: list[dict]) -> list[dict]:
         """Host -> device copies: pinned and non-blocking on CUDA, all micro-batches issued
         up front so the copy of micro-batch m+1 overlaps the compute of micro-batch m."""
+        # uint8 image inputs travel as uint8 and are normalised after the copy (model_input).
         if self.device.type != "cuda":
-            return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
-        return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+            return [{k: model_input(v, self.device) if k == "input" else v.to(self.device) for k, v in b.items()}
+                    for b in batches]
+        return [{k: model_input(v.pin_memory(), self.device, True) if k == "input"
+                 else v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
 
     def step_on_device(self, metrics_due: bool | None = None) -> None:
         """One optimizer step with no host read: the loss, gradient norm and counts stay
