@@ -343,7 +343,8 @@ class Trainer:
             # Ray Train (it would register a checkpoint before it is complete): a restart
             # finds it on storage once complete (launch._start_checkpoint).
             path = self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
-                                                   rank_state, self.cfg.checkpoint.keep_last)
+                                                   rank_state, self.cfg.checkpoint.keep_last,
+                                                   self.cfg.checkpoint.keep_best)
             sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
             return path
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
