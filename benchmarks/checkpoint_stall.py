@@ -13,6 +13,13 @@ charged in full). stall = block time - `none` block time of the same round; the 
 gives medians over rounds, the save call's own duration (what the step waits for at
 the save), and the checkpoint size. Times are rank 0's; ratios are what carries over
 from this shared machine. AdamW state included: a checkpoint holds ~3x the fp32 weights.
+
+The async stall is split in two: `in steps` (the save call plus what the background
+write costs the steps that run beside it: CPU, memory bandwidth, the GIL) and `wait`
+(the upload outlasting the `--every` steps: in training, the next save - or the end of
+the run - blocks for that long). A `wait` above 0 means the save interval is shorter than
+the upload: set `checkpoint.every` so that every x step time > upload time (`upload`
+column: save call to upload complete), and the async stall is the `in steps` part alone.
 """
 from __future__ import annotations
 
@@ -85,7 +92,7 @@ def worker(data: str, root: str, args: dict) -> dict:
         base = f"{root}/ckpt" if target == "local" else "s3://ckpt/run"
         for mode, t in trainers.items():
             t.cfg.checkpoint.dir = f"{base}/{mode}"
-        res = {"none": [], "sync": [], "async": [], "sync_call": [], "async_call": []}
+        res = {"none": [], "sync": [], "async": [], "sync_call": [], "async_call": [], "async_wait": []}
         try:
             for _ in range(args["rounds"]):
                 for mode in ("none", "sync", "async"):
@@ -97,7 +104,10 @@ def worker(data: str, root: str, args: dict) -> dict:
                         res[f"{mode}_call"].append(time.perf_counter() - t0)
                     for _ in range(args["every"]):
                         t.train_step()
-                    t.wait_for_checkpoint()
+                    t1 = time.perf_counter()
+                    t.wait_for_checkpoint()  # the upload still running after the steps
+                    if mode == "async":
+                        res["async_wait"].append(time.perf_counter() - t1)
                     comm.barrier()
                     res[mode].append(time.perf_counter() - t0)
         except Exception as e:  # a failed save fails on every rank (DCP reduces errors): report, go on
@@ -110,18 +120,27 @@ def worker(data: str, root: str, args: dict) -> dict:
 
 
 HEADER = ("| target | checkpoint (MB) | steps alone (s) | sync: save call (s) | sync stall (s) | "
-          "async: save call (s) | async stall (s) | async / sync stall |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
+          "async: save call (s) | async stall in steps (s) | async: wait for upload (s) | async upload (s) | "
+          "async / sync stall | async in steps / sync stall |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def row(target: str, r: dict) -> str:
     if not r["async"]:
-        return f"| {target} | failed: {r.get('error')} | | | | | | |"
+        return f"| {target} | failed: {r.get('error')} | | | | | | | | | |"
     n = len(r["async"])
     none = statistics.median(r["none"][:n])
     stall = {m: statistics.median([b - a for a, b in zip(r["none"], r[m])]) for m in ("sync", "async")}
-    ratio = stall["async"] / stall["sync"] if stall["sync"] > 0 else float("nan")
+    in_steps = statistics.median([b - w - a for a, b, w in zip(r["none"], r["async"], r["async_wait"])])
+    wait = statistics.median(r["async_wait"])
+    # the upload ran from the save call to the end of the wait: the whole async block
+    # (an upper bound when nothing was left to wait for)
+    upload = statistics.median(r["async"])
+    def ratio(x):
+        return x / stall["sync"] if stall["sync"] > 0 else float("nan")
     return (f"| {target} | {r['size'] / 2**20:.0f} | {none:.2f} | {statistics.median(r['sync_call']):.2f} | "
-            f"{stall['sync']:.2f} | {statistics.median(r['async_call']):.2f} | {stall['async']:.2f} | {ratio:.2f} |"
+            f"{stall['sync']:.2f} | {statistics.median(r['async_call']):.2f} | {in_steps:.2f} | {wait:.2f} | "
+            f"{'<= ' if wait < 0.01 else ''}{upload:.2f} | {ratio(stall['async']):.2f} | {ratio(in_steps):.2f} |"
             + (f" (after {n} rounds: {r['error']})" if "error" in r else ""))
 
 

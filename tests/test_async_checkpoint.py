@@ -75,3 +75,30 @@ def test_marker_only_after_every_upload(token_data, tmp_path):
     for rank in run_distributed(gated_marker, 2, token_data, str(tmp_path)):
         assert rank["before"] is False and rank["after"] is True
         assert [s for s, _ in rank["complete"]] == [1]
+
+
+def test_async_saves_keep_the_best_checkpoint(token_data, tmp_path):
+    """keep_best with asynchronous saves: pruned after each upload completes, by the same
+    rule as synchronous saves (mode max: the best is the first step, which keep_last
+    alone would prune)."""
+    from distreg.runtime.comm import Comm
+    from distreg.runtime.trainer import Trainer
+
+    cfg = tiny_config(token_data, str(tmp_path), **{
+        "scaling.num_workers": 1, "strategy.name": "ddp", "train.max_steps": 3, "checkpoint.every": 1,
+        "checkpoint.async": True, "checkpoint.keep_last": 1, "eval.path": token_data, "eval.every": 1,
+        "eval.batch_size": 4, "eval.max_samples": 8, "checkpoint.keep_best": "{metric: eval/loss, mode: max}"})
+    trainer = Trainer(cfg, Comm(), track=False)
+    history, run_logged = {}, trainer.evaluator.run_logged
+
+    def record(strategy, step, *args):
+        metrics = run_logged(strategy, step, *args)
+        history[step] = metrics["eval/loss"]
+        return metrics
+
+    trainer.evaluator.run_logged = record
+    trainer.fit()
+    kept = {s: ckpt.load_torch(f"{p}/trainer.pt")["eval"]["eval/loss"] for s, p in ckpt.complete_checkpoints(cfg.checkpoint_dir)}
+    best = max(history, key=lambda s: (history[s], -s))
+    assert best != 3 and set(kept) == {3, best}
+    assert all(kept[s] == history[s] for s in kept)

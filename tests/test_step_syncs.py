@@ -115,3 +115,52 @@ def test_step_sync_count(token_data, tmp_path):
     assert known_counts(trainer.data, cfg.train.global_batch_size, cfg.data.seq_len) is None
     trainer.data.full_windows = True
     assert known_counts(trainer.data, cfg.train.global_batch_size, cfg.data.seq_len) == (counted.tokens, counted.samples)
+
+
+# Per micro-batch, what the methods need every step (declared in the hooks' docstrings):
+# loss_reweighting one MAX all-reduce (the group's loss range) + one all-gather (the tilt
+# normaliser and the group's mass together); z_loss_logit and collapse_monitor nothing.
+# Metrics (logging steps only): z_loss_logit 1 all-reduce, collapse_monitor 1,
+# loss_reweighting's weight_stats 3; param_norm none (replicated parameters).
+METHOD_COLLECTIVES_PER_MICRO_BATCH = 2
+METRIC_COLLECTIVES = 1 + 1 + 3
+
+
+def test_hook_step_sync_count(token_data, tmp_path):
+    """A step with loss hooks: on a non-logging step exactly the method's collectives and no
+    host read; metric reductions only on the logging step. Counted at world size 1, where
+    `Comm` calls are still made (no-ops), so the count is the one of every world size."""
+    from distreg.runtime.trainer import Trainer
+
+    cfg = tiny_config(token_data, str(tmp_path), **{
+        "scaling.num_workers": 1, "strategy.name": "ddp", "train.max_steps": 3, "train.log_every": 3,
+        "train.grad_accum_steps": 2,
+        "hooks": "[{name: loss_reweighting, r: 0.5}, {name: z_loss_logit}, {name: collapse_monitor}, "
+                 "{name: param_norm}]"})
+    trainer = Trainer(cfg, Comm(), track=False)
+    next_step, opt_step = trainer.data.next_step, trainer.strategy.optimizer.step
+    with counting() as (counts, active):
+        def untracked(fn):
+            def f(*a, **k):
+                active[0] = False
+                try:
+                    return fn(*a, **k)
+                finally:
+                    active[0] = True
+            return f
+
+        trainer.data.next_step = untracked(next_step)
+        trainer.strategy.optimizer.step = untracked(opt_step)
+        steps = per_call(trainer, "step_on_device", active, counts)
+        result = trainer.fit()
+    method = METHOD_COLLECTIVES_PER_MICRO_BATCH * cfg.train.grad_accum_steps
+    assert steps[:2] == [(method, 0)] * 2, counts["where"]  # steps 1, 2: not logging steps
+    assert steps[2][0] == method + METRIC_COLLECTIVES and steps[2][1] > 0, counts["where"]  # step 3 logs
+    assert sorted(result.losses) == [1, 2, 3]
+    metrics = {}
+    for hook in trainer.hooks:
+        metrics.update(hook.metrics())
+    # the metrics of the logging step are there (and global: world size 1 here)
+    assert {"loss_reweighting/ess", "z_loss_logit/value", "collapse_monitor/zero_loss",
+            "hooks/param_norm"} <= metrics.keys()
+    assert metrics["loss_reweighting/weight_mean"] == pytest.approx(1 / cfg.train.global_batch_size)

@@ -101,7 +101,8 @@ class ImageSamples:
                          f"undecodable image ({str(e).splitlines()[0][:200]})")
 
     def load(self, epoch: int, i: int) -> tuple[torch.Tensor, int]:
-        """(image [3, S, S] float, label) of sample i (CPU decode); DataError names shard and member."""
+        """(image [3, S, S] uint8, label) of sample i (CPU decode); DataError names shard and member.
+        `transforms.normalize_on_device` turns it into the model's float input."""
         jpg, label = self._parsed(i, self.index.read(i))
         try:
             image = decode(jpg)
@@ -155,7 +156,7 @@ class ImageSamples:
             labels.append(label)
             indices.append(i)
         s = self.image_size
-        return {"input": torch.stack(images) if images else torch.zeros(0, 3, s, s),
+        return {"input": torch.stack(images) if images else torch.zeros(0, 3, s, s, dtype=torch.uint8),
                 "target": torch.tensor(labels, dtype=torch.long), "index": torch.tensor(indices, dtype=torch.long),
                 "skipped": skipped}
 

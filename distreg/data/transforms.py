@@ -4,6 +4,12 @@ Augmentation randomness is seeded per sample from (seed, epoch, global index), n
 drawn from a per-worker stream: the pixels a sample gets then do not depend on which
 rank or dataloader worker decodes it, so a run resumed on another number of ranks or
 workers sees exactly the tensors the uninterrupted run would.
+
+Images travel as uint8 [B, 3, S, S] (a quarter of the fp32 bytes through the loader
+workers, pinned memory and the host->device copy) and are scaled and normalised on the
+device by `device_input.model_input` (the Trainer's batch move, the Evaluator), with the same
+torchvision kernels the host pipeline used: the fp32 result is bitwise the one
+`ToDtype(float32, scale=True) + Normalize(MEAN, STD)` gave on the host.
 """
 from __future__ import annotations
 
@@ -22,15 +28,22 @@ def decode(data: bytes) -> torch.Tensor:
 
 
 def train_transform(size: int) -> v2.Transform:
-    """RandomResizedCrop(size) + horizontal flip + normalise (the ResNet recipe)."""
-    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip(),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    """RandomResizedCrop(size) + horizontal flip (the ResNet recipe), uint8 out;
+    `normalize_on_device` completes it."""
+    return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
 
 
 def val_transform(size: int) -> v2.Transform:
-    """Resize the short side to size*256/224 (256 for 224), centre crop `size`, normalise."""
-    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size),
-                       v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    """Resize the short side to size*256/224 (256 for 224), centre crop `size`, uint8 out;
+    `normalize_on_device` completes it."""
+    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
+
+
+def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [..., 3, H, W] -> float32 (x / 255 - mean) / std, where `images` lives."""
+    from torchvision.transforms.v2 import functional as F
+
+    return F.normalize(F.to_dtype(images, torch.float32, scale=True), MEAN, STD)
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

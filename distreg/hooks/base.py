@@ -108,6 +108,15 @@ class HookContext:
     # tensors, read back in metrics().
     metrics_due: bool = True
 
+    def metrics_on(self, every: int = 1) -> bool:
+        """Whether a hook computes its metrics in the step now running: a logging step
+        (`metrics_due`) that is also one of the hook's own `every` steps. Off such steps
+        a hook runs only what its method needs (e.g. reweighting's group statistics):
+        no metric reduction, no host read. `ctx.step` is read as the hook reads it in the
+        event at hand (completed steps in `loss` / `after_backward`, the new count in
+        `after_step`)."""
+        return self.metrics_due and self.step % every == 0
+
     @property
     def lr(self) -> float | None:
         """The learning rate of the next optimizer step (the schedule is stepped right

@@ -197,7 +197,7 @@ class FireTogether(StatHook):
         # average over ranks and the trainer divides penalties by the micro-batch count
         scale = self.params.weight * ctx.world_size * ctx.grad_accum_steps
         terms.penalties[self.name] = scale * (terms.weight.detach().to(per_sample.dtype) * per_sample).sum()
-        if ctx.step % self.params.every == 0:
+        if ctx.metrics_on(self.params.every):
             with torch.no_grad():
                 acc = torch.stack([mask_accuracy(lg, t) for lg, t, *_ in recs]).mean(dim=0)
                 tkeep = torch.stack([t.double().mean(dim=1) for _, t, *_ in recs]).mean(dim=0)
@@ -211,7 +211,7 @@ class FireTogether(StatHook):
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
-        if ctx.step % self.params.every != 0:
+        if not ctx.metrics_on(self.params.every):
             return
         c = dict(zip(STAT_KEYS, self.reduced(ctx, len(STAT_KEYS)).tolist()))
         n = max(c["n"], 1.0)

@@ -49,7 +49,7 @@ class MoEMetrics(Hook):
         reset_moe_metrics(ctx.model)
 
     def after_step(self, ctx: HookContext) -> None:
-        if ctx.step % self.params.every == 0:
+        if ctx.metrics_on(self.params.every):  # host reads: logging steps only
             self.values = moe_metrics(ctx.model, self.params.per_layer)
             reset_moe_metrics(ctx.model)
 

@@ -47,8 +47,9 @@ class ParamNorm(Hook):
         self._value = self.norm(ctx)
 
     def after_step(self, ctx: HookContext) -> None:
-        if ctx.step % self.params.every == 0:
-            self._value = self.norm(ctx)  # no host read: metrics() reads it on logging steps
+        if ctx.metrics_on(self.params.every):
+            # Logging steps only (a collective when sharded); no host read: metrics() reads it.
+            self._value = self.norm(ctx)
 
     def metrics(self) -> dict[str, float]:
         return {"hooks/param_norm": self.value} if self._value is not None else {}

@@ -37,13 +37,20 @@ weight by the sequence's token share). Samples with ``b_i = 0`` (no valid target
 weight 0 and take no part in any statistic. The weights are detached: the gradient is
 ``sum_i w_i grad(loss_i)``.
 
-Communication per micro-batch (`mode: allreduce`, the default): one MAX all-reduce of
-(-min, max), one all-gather of a (max, sum-exp, count) triple, one 2-float all-reduce for
-``M_m`` and the tilt normaliser; `mode: allgather` gathers the group's losses instead
-(bitwise identical on every rank). While the temperature is infinite (uniform warm-up,
-strategy ``uniform``) the hook returns the Trainer's weights untouched and communicates
-nothing. Per step, for the metrics (every `stats_every` steps): `weight_stats`, three
-small all-reduces. Every `plot_every` steps the step's (loss, weight) pairs are
+Communication per micro-batch (`mode: allreduce`, the default) - what the method needs,
+on every step, with no host read (the weights stay on the device): `loss_reweighting`
+one MAX all-reduce of (-min, max) (the normalisation ``h`` needs the group's range
+before anything else can be summed) and one all-gather of a 5-float row per rank (local
+max of ``z``, count, shifted sums of ``e^z`` and ``b e^z``, ``sum b``) that gives ``M_m``
+and the tilt normaliser together (the softmax normaliser cancels:
+``w = M b e^z / sum b e^z``); `dro_reweighting` the all-gather only (``z = loss / r``
+needs no range). `mode: allgather` gathers the group's (loss, valid, b) rows instead
+(uneven sizes: two collectives and a host read of the sizes; bitwise identical on every
+rank). While the temperature is infinite (uniform warm-up, strategy ``uniform``) the
+hook returns the Trainer's weights untouched and communicates nothing. Metrics only
+(`weight_stats`, three small all-reduces and host reads): on logging steps that are
+also `stats_every` steps (`ctx.metrics_on`), never on the others. Every `plot_every`
+steps the step's (loss, weight) pairs are
 all-gathered (``G`` pairs) and rank 0 writes a weight-vs-loss figure
 ``<run_dir>/reweighting/<hook>_step<NNNNNNNN>.png`` and uploads it
 (``ctx.log_artifact(path, "reweighting")``).
@@ -70,7 +77,8 @@ from pydantic import Field
 
 from distreg.hooks.base import Hook, HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.reweighting import DEFAULTS, kl_dro_weights, sample_weights, temperature_schedule, weight_stats
+from distreg.reweighting import DEFAULTS, temperature_schedule, weight_stats
+from distreg.reweighting.weights import _F_STRATEGIES, _Reducer, _check_r, loss_based_logits, prior_tilted_weights
 
 _F64 = torch.float64
 
@@ -82,7 +90,7 @@ class _GroupReweighting(Hook):
         warmup_steps: int = Field(0, ge=0)  # optimizer steps at temperature `warmup_r`
         warmup_r: float = Field(math.inf, gt=0)  # .inf: uniform weights (the Trainer's own) during warm-up
         mode: Literal["allreduce", "allgather"] = "allreduce"
-        stats_every: int = Field(1, gt=0)  # weight statistics every N steps (3 scalar all-reduces; ~40 % of the hook's CPU time)
+        stats_every: int = Field(1, gt=0)  # weight statistics on logging steps that are multiples of N (3 scalar all-reduces)
         plot_every: int = Field(0, ge=0)  # weight-vs-loss figure every N steps (0: never)
 
     def __init__(self, params):
@@ -99,9 +107,26 @@ class _GroupReweighting(Hook):
     def base_r(self) -> float:
         raise NotImplementedError
 
-    def group_weights(self, losses: torch.Tensor, valid: torch.Tensor, ctx: HookContext, r: float) -> torch.Tensor:
-        """Weights summing to 1 over the valid samples of the global micro-batch (collective)."""
+    def group_logits(self, losses: torch.Tensor, valid: torch.Tensor, red: _Reducer, r: float) -> torch.Tensor:
+        """``z`` of the strategy's softmax over the global micro-batch (float64 losses;
+        collective through `red` when the strategy needs group statistics)."""
         raise NotImplementedError
+
+    def group_weights_on_device(self, losses: torch.Tensor, valid: torch.Tensor, base: torch.Tensor,
+                                ctx: HookContext, r: float) -> torch.Tensor:
+        """``M_m b u / sum b u`` over the global micro-batch, float64, no host read."""
+        l = torch.where(valid, losses.to(_F64), torch.zeros((), dtype=_F64, device=losses.device))
+        b = base.to(device=l.device, dtype=_F64)
+        if self.params.mode == "allreduce":
+            red = _Reducer(ctx.comm)
+            return prior_tilted_weights(self.group_logits(l, valid, red, r), valid, b, red)
+        parts = ctx.comm.all_gather_uneven(torch.stack([l, valid.to(_F64), b], dim=1))
+        full = torch.cat(parts)
+        off = sum(p.shape[0] for p in parts[: ctx.rank])
+        fv = full[:, 1] > 0.5
+        red = _Reducer(None)  # the whole group is here: computed identically on every rank
+        w = prior_tilted_weights(self.group_logits(full[:, 0], fv, red, r), fv, full[:, 2], red)
+        return w[off: off + l.numel()]
 
     # -- events --------------------------------------------------------------------------
     def temperature(self, step: int) -> float:
@@ -117,12 +142,8 @@ class _GroupReweighting(Hook):
         self.temperature_now = r
         if math.isinf(r):
             w = base  # uniform group weights: exactly the Trainer's weights
-        else:
-            u = self.group_weights(losses, valid, ctx, r).to(device=base.device, dtype=_F64)
-            b = base.to(_F64)
-            tilt = b * u  # u is 0 where b is
-            sums = ctx.comm.all_reduce(torch.stack([tilt.sum(), b.sum()]))  # (sum b u, M_m) over the group
-            w = base if float(sums[0]) <= 0 else (tilt * (sums[1] / sums[0])).to(base.dtype)
+        else:  # the method's collectives (every step), no host read
+            w = self.group_weights_on_device(losses, valid, base, ctx, r).to(device=base.device, dtype=base.dtype)
         self._w.append(w.detach())
         self._l.append(losses)
         self._v.append(valid)
@@ -134,7 +155,7 @@ class _GroupReweighting(Hook):
             return
         w, l, v = torch.cat(self._w), torch.cat(self._l), torch.cat(self._v)
         self.stats = {}  # reported only for the steps they were computed on
-        if ctx.step % self.params.stats_every == 0:
+        if ctx.metrics_on(self.params.stats_every):  # metrics only: logging steps
             s = weight_stats(w, l, ctx.comm, v)
             pre = self.name
             self.stats = {
@@ -220,9 +241,10 @@ class LossReweighting(_GroupReweighting):
             return math.inf
         return float(self.params.r if self.params.r is not None else DEFAULTS[self.params.strategy]["r"])
 
-    def group_weights(self, losses, valid, ctx, r):
-        extra = {} if self.params.delta is None else {"delta": self.params.delta}
-        return sample_weights(self.params.strategy, losses, valid, ctx.comm, r=r, mode=self.params.mode, **extra)
+    def group_logits(self, losses, valid, red, r):
+        s = "quadratic" if self.params.strategy == "mid" else self.params.strategy
+        delta = self.params.delta if self.params.delta is not None else DEFAULTS[s]["delta"]
+        return loss_based_logits(losses, valid, red, f=_F_STRATEGIES[s], r=_check_r(r), delta=float(delta))
 
 
 @register
@@ -239,5 +261,5 @@ class DroReweighting(_GroupReweighting):
     def base_r(self) -> float:
         return float(self.params.r)
 
-    def group_weights(self, losses, valid, ctx, r):
-        return kl_dro_weights(losses, valid, ctx.comm, r=r, mode=self.params.mode)
+    def group_logits(self, losses, valid, red, r):
+        return losses / _check_r(r)  # no group statistic: the all-gather of the weights is the only collective

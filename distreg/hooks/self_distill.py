@@ -149,6 +149,8 @@ class Elr(_StoreHook):
         return LossTerms(terms.per_sample + reg, terms.weight, terms.index, terms.penalties)
 
     def after_step(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():  # metrics only: logging steps
+            return
         ce, reg = ctx.comm.all_reduce(self._sums.clone()).tolist()
         self.values = {"elr/ce": ce, "elr/reg": reg}
 

@@ -73,6 +73,8 @@ class SelfDistillGT(StatHook):
         q = mixed_targets(labels, z_t, self.params.alpha)
         rows = soft_ce_rows(out, q) if self.params.loss == "soft_ce" else mse_softmax_rows(out, q)
         terms.per_sample = per_sample_mean(rows, valid)
+        if not ctx.metrics_on():
+            return terms  # statistics for the logging step only
         with torch.no_grad():
             ce = torch.nn.functional.cross_entropy(out.float().flatten(0, -2), labels.flatten(), reduction="none")
             acc = (z_t.argmax(-1) == labels).float()
@@ -82,4 +84,6 @@ class SelfDistillGT(StatHook):
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         self.values = dict(zip(["loss", "ce_labels", "teacher_acc"], self.reduced(ctx, 3).tolist()))

@@ -222,7 +222,7 @@ class MaskHook(Hook):
         shards = self.shards(ctx)
         if not self.step(ctx, shards):
             self.apply_masks(shards)
-            if ctx.step % self.params.metrics_every == 0:
+            if ctx.metrics_on(self.params.metrics_every):  # metrics only: logging steps
                 self.update_stats(ctx, shards)
 
     def step(self, ctx: HookContext, shards: list[ParamShard]) -> bool:
@@ -590,7 +590,7 @@ class MaskSparsity(Hook):
                       f"{pre}/penalised_below_threshold": sums[1] / self.count if self.count else 0.0}
 
     def after_step(self, ctx: HookContext) -> None:
-        if ctx.step % self.params.metrics_every == 0:
+        if ctx.metrics_on(self.params.metrics_every):  # metrics only: logging steps
             self.update_stats(ctx, self.shards(ctx))
 
     def metrics(self) -> dict[str, float]:

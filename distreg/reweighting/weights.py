@@ -54,6 +54,8 @@ __all__ = [
     "STRATEGIES",
     "extremes_weights",
     "global_mean",
+    "loss_based_logits",
+    "prior_tilted_weights",
     "kl_dro_normalizer_update",
     "kl_dro_objective",
     "kl_dro_weights",
@@ -95,45 +97,72 @@ def _out_dtype(losses: torch.Tensor) -> torch.dtype:
 
 
 class _Reducer:
-    """Global reductions over the valid entries of a rank-sharded vector (one rank = local)."""
+    """Global reductions over the valid entries of a rank-sharded vector (`None`: local).
+
+    The `*_t` forms stay on the tensors' device (no host read; on a GPU a read is a
+    stream sync) and call the collective whatever the world size (a `Comm` over one
+    process makes it a no-op), so the number of collectives of a code path does not
+    depend on the world size. The float forms read the result back for host-side callers.
+    """
 
     def __init__(self, comm: Comm | None):
-        self.comm = comm if _world(comm) > 1 else None
+        self.comm = comm
 
-    def min_max(self, x: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
-        """Global (min, max) over valid entries; (+inf, -inf) when there are none."""
+    def min_max_t(self, x: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global (min, max) over valid entries as 0-dim tensors; (+inf, -inf) when there
+        are none. One MAX all-reduce."""
         inf = torch.tensor([math.inf], dtype=_F64, device=x.device)
         xv = x[v]
         t = torch.cat([torch.cat([-xv, -inf]).max().view(1), torch.cat([xv, -inf]).max().view(1)])
         if self.comm is not None:
             self.comm.all_reduce(t, op="max")
-        return -float(t[0]), float(t[1])
+        return -t[0], t[1]
+
+    def min_max(self, x: torch.Tensor, v: torch.Tensor) -> tuple[float, float]:
+        lo, hi = self.min_max_t(x, v)
+        return float(lo), float(hi)
+
+    def gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """[world, k]: every rank's `row`, in rank order (one all-gather)."""
+        return torch.stack(self.comm.all_gather(row)) if self.comm is not None else row.unsqueeze(0)
+
+    def shifted_sums(self, z: torch.Tensor, v: torch.Tensor, *weights: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M, [Σ_valid a e^(z − M) for a in (1, *weights)], [Σ a for a in weights]) over
+        the global batch, M = the global max of z over valid entries (−inf if none), in
+        one all-gather of a small per-rank row: each rank contributes its local max m_r
+        and sums shifted by it; ranks merge S = Σ_r s_r e^(m_r − M) in rank order
+        (identical on every rank). No host read."""
+        zv = z[v]
+        m = zv.max() if zv.numel() else torch.tensor(-math.inf, dtype=_F64, device=z.device)
+        e = torch.exp(zv - m)
+        row = torch.stack([m, torch.tensor(float(zv.numel()), dtype=_F64, device=z.device), e.sum(),
+                           *[(a[v] * e).sum() for a in weights], *[a.sum() for a in weights]])
+        parts = self.gather_rows(row)
+        big = parts[:, 0].max()
+        scale = torch.where(parts[:, 1] > 0, torch.exp(parts[:, 0] - big), torch.zeros_like(parts[:, 0]))
+        k = 1 + len(weights)
+        shifted = (parts[:, 2:2 + k] * scale.unsqueeze(1)).sum(0)
+        return big, shifted, parts[:, 2 + k:].sum(0)
+
+    def logsumexp_count_t(self, z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Global ``log Σ_valid exp(z)`` (``-inf`` if empty) and global valid count, as
+        0-dim tensors (one all-gather, no host read)."""
+        zv = z[v]
+        m = zv.max() if zv.numel() else torch.tensor(-math.inf, dtype=_F64, device=z.device)
+        row = torch.stack([m, torch.exp(zv - m).sum(), torch.tensor(float(zv.numel()), dtype=_F64, device=z.device)])
+        parts = self.gather_rows(row)
+        big = parts[:, 0].max()
+        scale = torch.where(parts[:, 2] > 0, torch.exp(parts[:, 0] - big), torch.zeros_like(parts[:, 0]))
+        total = (parts[:, 1] * scale).sum()
+        n = parts[:, 2].sum()
+        lse = torch.where(total > 0, big + torch.log(total), torch.full_like(total, -math.inf))
+        return lse, n
 
     def logsumexp_count(self, z: torch.Tensor, v: torch.Tensor) -> tuple[float, int]:
-        """Global ``log Σ_valid exp(z)`` (``-inf`` if empty) and global valid count.
-
-        Each rank contributes ``(m_r, s_r, n_r)`` with ``m_r`` its local max and
-        ``s_r = Σ exp(z − m_r)``; ranks merge ``M = max m_r``, ``S = Σ s_r exp(m_r − M)`` in
-        rank order (identical on every rank)."""
-        zv = z[v]
-        if zv.numel():
-            m = zv.max()
-            s = torch.exp(zv - m).sum()
-        else:
-            m = torch.tensor(-math.inf, dtype=_F64, device=z.device)
-            s = torch.zeros((), dtype=_F64, device=z.device)
-        trip = torch.stack([m, s, torch.tensor(float(zv.numel()), dtype=_F64, device=z.device)])
-        parts = [trip] if self.comm is None else self.comm.all_gather(trip)
-        ms = [float(p[0]) for p in parts]
-        n = int(round(sum(float(p[2]) for p in parts)))
-        big = max(ms)
-        if n == 0 or big == -math.inf:
-            return -math.inf, n
-        total = 0.0
-        for p, m_r in zip(parts, ms):
-            if float(p[2]) > 0:
-                total += float(p[1]) * math.exp(m_r - big)
-        return big + math.log(total), n
+        """Global ``log Σ_valid exp(z)`` (``-inf`` if empty) and global valid count."""
+        lse, n = self.logsumexp_count_t(z, v)
+        return float(lse), int(round(float(n)))
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
@@ -167,11 +196,22 @@ def _check_r(r: float) -> float:
 
 
 def _softmax(z: torch.Tensor, v: torch.Tensor, red: _Reducer) -> torch.Tensor:
-    """Global softmax of ``z`` over valid entries (zeros elsewhere / if none is valid)."""
-    lse, n = red.logsumexp_count(z, v)
-    if n == 0:
-        return torch.zeros_like(z)
+    """Global softmax of ``z`` over valid entries (zeros elsewhere / if none is valid).
+    One all-gather, no host read."""
+    lse, _ = red.logsumexp_count_t(z, v)
     return torch.where(v, torch.exp(z - lse), torch.zeros_like(z))
+
+
+def prior_tilted_weights(z: torch.Tensor, v: torch.Tensor, prior: torch.Tensor, red: _Reducer) -> torch.Tensor:
+    """``w_i = M · b_i e^{z_i} / Σ_{valid j} b_j e^{z_j}`` with ``M = Σ_j b_j`` over the
+    global batch: the softmax of ``z`` tilted by the prior ``b`` and scaled to the prior's
+    mass (`loss_reweighting`'s group weights, ``M b u / Σ b u`` with ``u = softmax(z)``:
+    the softmax normaliser cancels). One all-gather of 5 numbers per rank, no host read.
+    Where ``Σ b e^z`` is 0 (no valid entry) the prior is returned unchanged."""
+    b = prior.to(_F64)
+    big, (_, tilt), (mass,) = red.shifted_sums(z, v, b)
+    w = torch.where(v, mass * b * torch.exp(z - big) / tilt, torch.zeros_like(b))
+    return torch.where(tilt > 0, w, b)
 
 
 # --------------------------------------------------------------- §8 loss-based strategies
@@ -191,14 +231,23 @@ def _f_linear(h: torch.Tensor, delta: float) -> torch.Tensor:
     return 0.5 * h + 0.5 * delta  # ICLR trainer "upper"
 
 
-def _loss_based_core(l, v, red: _Reducer, *, f, r: float, delta: float) -> torch.Tensor:
-    lo, hi = red.min_max(l, v)
-    if not hi >= lo:  # no valid sample in the global batch
-        return torch.zeros_like(l)
-    span = max(hi - lo, _SPAN_EPS)
+def loss_based_logits(l, v, red: _Reducer, *, f, r: float, delta: float) -> torch.Tensor:
+    """``z = f(h) / r`` with ``h`` the losses min/max-normalised over the global batch (one
+    MAX all-reduce, no host read). Entries are meaningless where ``v`` is False, and all
+    of them when no sample of the global batch is valid (every consumer masks by ``v``)."""
+    lo, hi = red.min_max_t(l, v)
+    span = (hi - lo).clamp(min=_SPAN_EPS)
     h = (2.0 * delta * l - delta * (hi + lo)) / span
-    z = torch.zeros_like(l) if math.isinf(r) else f(h, delta) / r
-    return _softmax(z, v, red)
+    return torch.zeros_like(l) if math.isinf(r) else f(h, delta) / r
+
+
+def _loss_based_core(l, v, red: _Reducer, *, f, r: float, delta: float) -> torch.Tensor:
+    return _softmax(loss_based_logits(l, v, red, f=f, r=r, delta=delta), v, red)
+
+
+_F_STRATEGIES: dict[str, Callable] = {"linupper": _f_linupper, "quadratic": _f_quadratic, "extremes": _f_extremes,
+                                      "linear": _f_linear}
+"""The maps ``f`` of the loss-based strategies (``mid`` = ``quadratic``)."""
 
 
 def _make_loss_based(f: Callable, name: str, doc: str) -> Callable:

@@ -16,7 +16,9 @@ once its `COMPLETE` marker exists); what changes is who waits for the write:
 
 Completion: a save's background thread waits for this rank's upload, then all ranks meet
 in one barrier on the dedicated group (every rank's files are written), then rank 0
-writes `COMPLETE` and prunes old checkpoints. So the marker exists only when every
+writes `COMPLETE` and prunes old checkpoints (`keep_last`, and the `keep_best` one by the
+same `checkpoint.best_checkpoint` rule as synchronous saves, decided once this save is
+complete so it is a candidate). So the marker exists only when every
 rank's upload has finished. At most one save is in flight: a new save - and the end of
 training (`wait()`) - first waits for the previous one, and re-raises its error, if any,
 on every rank. The small per-rank and trainer files are serialised at save time (their
@@ -62,7 +64,8 @@ class AsyncCheckpointer:
         return self._group
 
     # -- the two phases --------------------------------------------------------------
-    def save(self, root: str, step: int, strategy, trainer_state: dict, rank_state: dict, keep_last: int) -> str:
+    def save(self, root: str, step: int, strategy, trainer_state: dict, rank_state: dict, keep_last: int,
+             keep_best=None) -> str:
         """Collective. Stage this rank's state and start writing it; returns the path."""
         self.wait()
         group = self._pg()
@@ -85,7 +88,8 @@ class AsyncCheckpointer:
                     dist.barrier(group=group)  # every rank's files are written
                 if self.comm.rank == 0:
                     ckpt.write_bytes_atomic(posixpath.join(path, ckpt.MARKER), f"{step}\n".encode())
-                    ckpt._prune(root, keep_last)
+                    best = ckpt.best_checkpoint(root, keep_best) if keep_best is not None else None
+                    ckpt._prune(root, keep_last, best)
             except BaseException as e:  # re-raised on the main thread by wait()
                 self._error = e
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from distreg.config import RunConfig
+from distreg.data.device_input import model_input
 from distreg.data.heldout import build_heldout
 from distreg.runtime.comm import Comm
 from distreg.runtime.loss import IGNORE_INDEX
@@ -112,7 +113,7 @@ class Evaluator:
         model.eval()
         try:
             for batch in h.batches():
-                logits = model(batch["input"].to(self.device))
+                logits = model(model_input(batch["input"], self.device))  # uint8 images: normalised here
                 sums += batch_sums(logits, batch["target"].to(self.device), batch["source"].to(self.device),
                                    len(h.sources))
             moe_stats = {f"eval/{k}": v for k, v in moe_metrics(module).items()

@@ -18,6 +18,7 @@ import torch
 
 from distreg.config import RunConfig
 from distreg.data import build_data
+from distreg.data.device_input import model_input
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import build_hooks
 from distreg.models import build_model, materialize
@@ -101,7 +102,10 @@ class Trainer:
 
         self.data = build_data(cfg, self.comm.rank, self.comm.world_size, self.comm)
         self.ctx.num_samples = getattr(self.data, "num_samples", None)
-        self.ctx.epoch_fn = lambda: getattr(self.data, "epoch", 0)
+        # The data position of the steps run so far; while the next step's batches are
+        # prefetched, the data source is one step ahead (`_prefetch` keeps the position).
+        self._prefetched, self._data_consumed = None, None
+        self.ctx.epoch_fn = lambda: self._data_consumed[1] if self._data_consumed else getattr(self.data, "epoch", 0)
         self.evaluator = Evaluator(cfg, self.comm, self.device) if cfg.eval.enabled else None
         self.step = 0
         self.step_metrics = StepMetricBuffer(self.comm, self.device)
@@ -124,17 +128,53 @@ class Trainer:
     def _to_device(self, batches: list[dict]) -> list[dict]:
         """Host -> device copies: pinned and non-blocking on CUDA, all micro-batches issued
         up front so the copy of micro-batch m+1 overlaps the compute of micro-batch m."""
+        # uint8 image inputs travel as uint8 and are normalised after the copy (model_input).
         if self.device.type != "cuda":
-            return [{k: v.to(self.device) for k, v in b.items()} for b in batches]
-        return [{k: v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
+            return [{k: model_input(v, self.device) if k == "input" else v.to(self.device) for k, v in b.items()}
+                    for b in batches]
+        return [{k: model_input(v.pin_memory(), self.device, True) if k == "input"
+                 else v.pin_memory().to(self.device, non_blocking=True) for k, v in b.items()} for b in batches]
 
-    def step_on_device(self, metrics_due: bool | None = None) -> None:
+    def _next_batches(self) -> list[dict]:
+        """This step's micro-batches on the device: prefetched during the previous step,
+        or fetched now."""
+        if self._prefetched is None:
+            return self._to_device(self.data.next_step())
+        batches, stream = self._prefetched
+        self._prefetched, self._data_consumed = None, None
+        if stream is not None:  # the copies ran on a side stream: order them before this step's kernels
+            torch.cuda.current_stream().wait_stream(stream)
+            for b in batches:
+                for v in b.values():
+                    v.record_stream(torch.cuda.current_stream())
+        return batches
+
+    def _prefetch(self) -> None:
+        """Fetch the next step's micro-batches and issue their copies (pinned, non-blocking,
+        on a side stream on CUDA) while this step's device work is still queued. The data
+        source then is one step ahead: the position of the steps run so far is kept for
+        checkpoints (`save`) and hooks (`ctx.epoch`)."""
+        self._data_consumed = (self.data.state_dict(), getattr(self.data, "epoch", 0))
+        host = self.data.next_step()
+        stream = None
+        if self.device.type == "cuda":
+            stream = getattr(self, "_copy_stream", None) or torch.cuda.Stream(self.device)
+            self._copy_stream = stream
+            with torch.cuda.stream(stream):
+                batches = self._to_device(host)
+        else:
+            batches = self._to_device(host)
+        self._prefetched = (batches, stream)
+
+    def step_on_device(self, metrics_due: bool | None = None, prefetch: bool = False) -> None:
         """One optimizer step with no host read: the loss, gradient norm and counts stay
         on the device in `self.step_metrics` (flushed by `_log` on logging steps).
         Collectives besides the strategy's own: none when the data guarantees the counts
-        (packed token windows), else one all-reduce of the counts before the forward."""
+        (packed token windows), else one all-reduce of the counts before the forward.
+        `prefetch`: fetch and copy the next step's batches at the end of this one (`fit`,
+        when a next step follows)."""
         cfg, world = self.cfg, self.comm.world_size
-        micro_batches = self._to_device(self.data.next_step())
+        micro_batches = self._next_batches()
         known = known_counts(self.data, cfg.train.global_batch_size, getattr(cfg.data, "seq_len", None))
         local = None
         if known is not None:
@@ -173,6 +213,8 @@ class Trainer:
         for hook in self.hooks:
             hook.after_step(self.ctx)
         self.step_metrics.add(self.step, step_loss, grad_norm, local, known)
+        if prefetch:
+            self._prefetch()
 
     # -- the loop ------------------------------------------------------------------------
     def fit(self, resume: bool = False, stop_at: int | None = None, job: JobLink | None = None) -> TrainResult:
@@ -203,7 +245,7 @@ class Trainer:
         try:
             while self.step < last:
                 t0 = time.perf_counter()
-                self.step_on_device()
+                self.step_on_device(prefetch=self.step + 1 < last)
                 result.step_times.append(time.perf_counter() - t0)  # host time (the device may run behind)
                 every = cfg.checkpoint.every
                 checkpoint_due = bool(every and self.step % every == 0) or self.step == last
@@ -290,7 +332,8 @@ class Trainer:
         # The run's lineage travels in the checkpoint: a resume continues this run (same
         # run id, same MLflow run) even if run.json beside it is gone.
         lineage = job.run if job else {"run_id": None, "mlflow_run_id": self.tracker.run_id if self.tracker else None}
-        trainer_state = {"step": self.step, "data": self.data.state_dict(), "world_size": self.comm.world_size,
+        data_state = self._data_consumed[0] if self._data_consumed else self.data.state_dict()  # not the prefetched step's
+        trainer_state = {"step": self.step, "data": data_state, "world_size": self.comm.world_size,
                          "config": self.cfg.model_dump(mode="json"), "run": lineage}
         if self.evaluator is not None and self.evaluator.last_step == self.step:
             trainer_state["eval"] = dict(self.evaluator.last)  # checkpoint.keep_best ranks on it
@@ -300,7 +343,8 @@ class Trainer:
             # Ray Train (it would register a checkpoint before it is complete): a restart
             # finds it on storage once complete (launch._start_checkpoint).
             path = self._async_checkpointer().save(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state,
-                                                   rank_state, self.cfg.checkpoint.keep_last)
+                                                   rank_state, self.cfg.checkpoint.keep_last,
+                                                   self.cfg.checkpoint.keep_best)
             sync_hook_files(self.ctx.run_dir, self.cfg.run_dir)
             return path
         path = ckpt.save_checkpoint(self.cfg.checkpoint_dir, self.step, self.strategy, trainer_state, rank_state,
@@ -341,6 +385,7 @@ class Trainer:
         trainer_state, rank_state = ckpt.load_checkpoint(path, self.strategy, self.comm)
         self.step = self.ctx.step = trainer_state["step"]
         self.data.load_state_dict(trainer_state["data"])
+        self._prefetched, self._data_consumed = None, None
         ckpt.set_rng_state(rank_state["rng"])
         for hook, state in zip(self.hooks, rank_state["hooks"]):
             hook.load_state_dict(state)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torchvision.transforms import v2
 
 from distreg.config import load_config
 from distreg.data.heldout import build_heldout
 from distreg.data.images import ImageSamples
+from distreg.data.transforms import MEAN, STD
 from distreg.runtime.comm import Comm
 from distreg.runtime.evaluate import Evaluator
 
@@ -55,8 +57,9 @@ def test_top1_top5_loss_match_direct(imagenet_shards):
     metrics = Evaluator(_cfg(split, 5), Comm(), torch.device("cpu")).run(model, model)
     samples = ImageSamples(split, SIZE, train=False)
     images, labels = zip(*(samples.load(0, i) for i in range(len(samples))))
+    host = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])  # uint8 -> the model's input
     with torch.no_grad():
-        logits = model(torch.stack(images))
+        logits = model(torch.stack([host(img) for img in images]))
     labels = torch.tensor(labels)
     assert metrics["eval/samples"] == len(samples)
     assert metrics["eval/loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-6)

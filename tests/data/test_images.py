@@ -70,7 +70,7 @@ def test_labels_transforms_and_global_index(imagenet_shards):
     train = os.path.join(imagenet_shards, "train")
     samples = ImageSamples(train, 32)
     batch = samples.__getitems__([(0, 0), (0, 47)])
-    assert batch["input"].shape == (2, 3, 32, 32) and batch["input"].dtype == torch.float32
+    assert batch["input"].shape == (2, 3, 32, 32) and batch["input"].dtype == torch.uint8  # normalised on the device
     assert batch["index"].tolist() == [0, 47]
     assert batch["target"].tolist() == [int(samples.index.read(i)["cls"]) for i in (0, 47)]
     # Train augmentation is seeded per (seed, epoch, index): reproducible, new each epoch.
@@ -79,7 +79,38 @@ def test_labels_transforms_and_global_index(imagenet_shards):
     # Val: resize + centre crop, deterministic; roughly normalised values.
     val = ImageSamples(os.path.join(imagenet_shards, "val"), 24, train=False)
     a, b = val.load(0, 1)[0], val.load(3, 1)[0]
-    assert a.shape == (3, 24, 24) and torch.equal(a, b) and -3 < float(a.mean()) < 3
+    assert a.shape == (3, 24, 24) and torch.equal(a, b) and a.dtype == torch.uint8 and 0 < float(a.double().mean()) < 255
+
+
+def test_uint8_batches_normalised_on_the_device_equal_the_host_pipeline(imagenet_shards):
+    """The loader yields uint8; the Trainer's batch move normalises after the copy. The fp32
+    result equals the former host pipeline (ToDtype(scale) + Normalize per sample) bitwise,
+    and hand-computed pixels."""
+    from types import SimpleNamespace
+
+    from torchvision.transforms import v2
+
+    from distreg.data.transforms import MEAN, STD, normalize_on_device
+    from distreg.runtime.trainer import Trainer
+
+    # by hand: (p / 255 - mean_c) / std_c
+    px = torch.zeros(1, 3, 1, 3, dtype=torch.uint8)
+    px[0, 0, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    px[0, 2, 0] = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    got = normalize_on_device(px)
+    assert got.dtype == torch.float32
+    assert got[0, 0, 0].tolist() == pytest.approx([-2.1179039, 0.0740646, 2.2489083], abs=1e-6)  # R: 0.485, 0.229
+    assert got[0, 2, 0].tolist() == pytest.approx([-1.8044444, 0.4264924, 2.64], abs=1e-6)  # B: 0.406, 0.225
+    host = v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    for train in (True, False):
+        samples = ImageSamples(os.path.join(imagenet_shards, "train"), 32, train=train)
+        batch = samples.__getitems__([(0, 3), (1, 3), (0, 40)])
+        del batch["skipped"]  # ImageBatches.next_step hands the Trainer tensors only
+        assert batch["input"].dtype == torch.uint8
+        (moved,) = Trainer._to_device(SimpleNamespace(device=torch.device("cpu")), [batch])
+        want = torch.stack([host(img) for img in batch["input"]])
+        assert moved["input"].dtype == torch.float32 and torch.equal(moved["input"], want)
+        assert torch.equal(moved["index"], batch["index"]) and torch.equal(moved["target"], batch["target"])
 
 
 @pytest.mark.parametrize("ranges", [True, False], ids=["range-requests", "server-ignores-range"])

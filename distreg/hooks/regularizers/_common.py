@@ -56,7 +56,9 @@ class ValuesHook(Hook):
 
 class StatHook(ValuesHook):
     """Per-step sums accumulated over micro-batches, all-reduced once per step (data
-    statistics of loss hooks: always over all ranks)."""
+    statistics of loss hooks: always over all ranks). Metrics only: subclasses accumulate
+    and reduce on `ctx.metrics_on(...)` steps (logging steps) and skip both elsewhere, so
+    a non-logging step pays neither the collective nor the host read."""
 
     class Params(Hook.Params):
         metrics_prefix: str | None = Field(None, description="metric name prefix (default: the hook name)")

@@ -302,7 +302,8 @@ class Distillation(StatHook):
             d = getattr(ctx.model, DISCRIMINATOR)
             d_rows = discriminator_loss(d(out), d(ensemble_logits(logits_t).to(out.dtype)))
         terms.per_sample = per_sample_mean(rows if d_rows is None else rows + d_rows, valid)
-        self._accumulate_stats(terms.weight, rows, out, p_t, soft, labels, valid, calibrated, d_rows)
+        if ctx.metrics_on():  # statistics for the logging step only
+            self._accumulate_stats(terms.weight, rows, out, p_t, soft, labels, valid, calibrated, d_rows)
         return terms
 
     def _accumulate_stats(self, weight, rows, out, p_t, soft, labels, valid, calibrated, d_rows) -> None:
@@ -318,6 +319,8 @@ class Distillation(StatHook):
             self.accumulate(torch.stack([(w * per_sample_mean(r.to(F64), valid)).sum() for r in per_row]))
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         keys = ["kd_loss", "kl", "teacher_entropy", "teacher_acc", "agreement"]
         if self.params.calibrate is not None:
             keys.append("calibrated")

@@ -151,6 +151,8 @@ class NormalizedSoftmax(_HeadHook):
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         target, valid = valid_targets(batch)
+        if not ctx.metrics_on():
+            return terms  # statistics for the logging step only
         cos = out.detach().to(F64) * self.params.temperature
         cos_target = cos.gather(-1, target.unsqueeze(-1)).squeeze(-1)
         cos_max, best = cos.max(-1)
@@ -159,6 +161,8 @@ class NormalizedSoftmax(_HeadHook):
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         c = self.reduced(ctx, 4)
         n = max(float(c[3]), 1.0)
         self.values = {"cos_target": float(c[0]) / n, "cos_max": float(c[1]) / n, "accuracy": float(c[2]) / n,
@@ -221,14 +225,17 @@ class ThresholdConsistentMargin(_HeadHook):
         value, stats = tcm_terms(emb, target.reshape(-1)[keep], p.pos_margin, p.neg_margin, p.pos_weight,
                                  p.neg_weight, ctx.comm)
         terms.penalties[self.prefix] = p.coef * ctx.world_size * value
-        self.accumulate(stats)
+        if ctx.metrics_on():
+            self.accumulate(stats)
         self.micro += 1
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
-        p, c = self.params, self.reduced(ctx, 6)
         k = max(self.micro, 1)
         self.micro = 0
+        if not ctx.metrics_on():
+            return
+        p, c = self.params, self.reduced(ctx, 6)
         pos, neg = float(c[0]) / k, float(c[1]) / k
         self.values = {"value": p.coef * (p.pos_weight * pos + p.neg_weight * neg), "pos_part": pos,
                        "neg_part": neg, "hard_pos_fraction": float(c[2]) / max(float(c[4]), 1.0),

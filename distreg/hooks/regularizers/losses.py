@@ -8,8 +8,9 @@ reduction weights n_i / N give the mean over all valid tokens of the step.
 
 Order: forward -> per-sample CE -> `loss` hooks in list order (a replacing hook overwrites
 `per_sample`; `z_loss_logit` adds to it, so a later reweighting hook weights CE + z-loss
-together) -> backward. Metrics are completed in `after_backward` by one small
-all-reduce (data statistics: always over all ranks).
+together) -> backward. Metrics are accumulated on logging steps only (`ctx.metrics_on`)
+and completed in `after_backward` by one small all-reduce (data statistics: always over
+all ranks); other steps run the loss term alone, with no collective and no host read.
 """
 from __future__ import annotations
 
@@ -50,13 +51,13 @@ class CollapseMonitor(StatHook):
     params: "CollapseMonitor.Params"
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
-        if ctx.step % self.params.every == 0:
+        if ctx.metrics_on(self.params.every):
             target, valid = valid_targets(batch)
             self.accumulate(_collapse_counts(out, target, valid))
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
-        if ctx.step % self.params.every == 0:
+        if ctx.metrics_on(self.params.every):
             c = self.reduced(ctx, 3)
             n = max(float(c[2]), 1.0)
             self.values = {"softmax_collapse": float(c[0]) / n, "zero_loss": float(c[1]) / n}
@@ -85,13 +86,16 @@ class StableMax(StatHook):
         target, valid = valid_targets(batch)
         tok = stablemax_cross_entropy(out, target, reduction="none")
         terms.per_sample = per_sample_mean(tok, valid)
-        stats = [(terms.weight.detach().to(F64) * terms.per_sample.detach()).sum().reshape(1)]
-        if self.params.collapse_metrics:
-            stats.append(_collapse_counts(out, target, valid))
-        self.accumulate(torch.cat(stats))
+        if ctx.metrics_on():
+            stats = [(terms.weight.detach().to(F64) * terms.per_sample.detach()).sum().reshape(1)]
+            if self.params.collapse_metrics:
+                stats.append(_collapse_counts(out, target, valid))
+            self.accumulate(torch.cat(stats))
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         c = self.reduced(ctx, 4 if self.params.collapse_metrics else 1)
         self.values = {"loss": float(c[0])}
         if self.params.collapse_metrics:
@@ -121,10 +125,13 @@ class ZLossLogit(StatHook):
         tok = z_loss_logit(out, self.params.kappa, valid=valid, reduction="none")
         z = per_sample_mean(tok, valid)
         terms.per_sample = terms.per_sample + z
-        self.accumulate((terms.weight.detach().to(F64) * z.detach().to(F64)).sum().reshape(1))
+        if ctx.metrics_on():
+            self.accumulate((terms.weight.detach().to(F64) * z.detach().to(F64)).sum().reshape(1))
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         value = float(self.reduced(ctx, 1)[0])
         k = self.params.kappa
         self.values = {"value": value, "log_z_sq": value / k if k else math.nan, "kappa": k}
@@ -153,8 +160,11 @@ class ZLossSpherical(StatHook):
         target, valid = valid_targets(batch)
         tok = z_loss_spherical(out, target, p.a, p.b, p.eps, reduction="none")
         terms.per_sample = per_sample_mean(tok, valid)
-        self.accumulate((terms.weight.detach().to(F64) * terms.per_sample.detach().to(F64)).sum().reshape(1))
+        if ctx.metrics_on():
+            self.accumulate((terms.weight.detach().to(F64) * terms.per_sample.detach().to(F64)).sum().reshape(1))
         return terms
 
     def after_backward(self, ctx: HookContext) -> None:
+        if not ctx.metrics_on():
+            return
         self.values = {"loss": float(self.reduced(ctx, 1)[0]), "a": self.params.a, "b": self.params.b}

@@ -251,8 +251,9 @@ class NuclearNorm(_MatrixPenalty):
             ranks.append(k)
             if coef:
                 add_to_grad(shard, coef * self.params.every * sub)
-        value = float(ctx.sum_over_shards(dots.reshape(1)))
-        self.values = {"penalty": coef * value, "value": value, "rank_mean": sum(ranks) / len(ranks), "coef": coef}
+        if ctx.metrics_on():  # the value is a metric only: its all-reduce and read on logging steps
+            value = float(ctx.sum_over_shards(dots.reshape(1)))
+            self.values = {"penalty": coef * value, "value": value, "rank_mean": sum(ranks) / len(ranks), "coef": coef}
 
 
 @register
@@ -371,9 +372,9 @@ class Wdr(_ParamPenalty):
         grads = torch.autograd.grad(value, leaves)
         for s, g in zip(shards, grads):
             add_to_grad(s, g)
-        ks = ks.detach()
-        self.values = {"penalty": float(value.detach()), "kurtosis_mean": float(ks[:, 0].mean()),
-                       "skewness_abs_mean": float(ks[:, 1].abs().mean())}
+        ks = ks.detach()  # device tensors, read back in metrics() on logging steps
+        self.values = {"penalty": value.detach(), "kurtosis_mean": ks[:, 0].mean(),
+                       "skewness_abs_mean": ks[:, 1].abs().mean()}
 
 
 # --------------------------------------------------------------------------- MBA
@@ -444,7 +445,11 @@ class MbaL2(_ParamPenalty):
         present = step > 0
         if not self.fixed:
             self.counts += step
-        if bool((present & (self.counts <= 0)).any()):
+        # Bad counts_file rows are flagged on the device and raised on the next logging step
+        # (a per-step check would be a host read every step); until then they count as 1.
+        bad = (present & (self.counts <= 0)).any()
+        self._bad = bad if getattr(self, "_bad", None) is None else self._bad | bad
+        if ctx.metrics_on() and bool(self._bad):
             raise ValueError("mba_l2: a present id has count 0 in counts_file")
         shard = self.shards(ctx)[0]
         dim = shard.full_shape[1]
@@ -453,8 +458,9 @@ class MbaL2(_ParamPenalty):
         w = shard.data().detach().to(F64)
         lam = self.params.lam
         add_to_grad(shard, lam * coef * w)
-        value = ctx.sum_over_shards((0.5 * lam * coef * w * w).sum().reshape(1))
-        self.values = {"penalty": float(value), "rows_present": float(present.double().mean()), "lam": lam}
+        if ctx.metrics_on():  # the value is a metric only: its all-reduce and read on logging steps
+            value = ctx.sum_over_shards((0.5 * lam * coef * w * w).sum().reshape(1))
+            self.values = {"penalty": float(value), "rows_present": float(present.double().mean()), "lam": lam}
 
     def state_dict(self) -> dict:
         return {"values": dict(self.values), "counts": None if self.counts is None else self.counts.clone()}

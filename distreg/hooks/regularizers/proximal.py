@@ -119,6 +119,8 @@ class GroupEnvelope(_ParamPenalty):
             partial.append(group_sq_norms(x, ids, num))  # local partial sums (no comm)
             layouts.append((num, d, k))
         self._old = None
+        if not ctx.metrics_on():  # the statistics below are metrics only: logging steps
+            return
         sq = ctx.sum_over_shards(torch.cat(partial)) if partial else torch.zeros(0, dtype=F64)
         gap, zeros, total, nonzero = 0.0, 0, 0, []
         for layer_sq, (num, d, k) in zip(torch.split(sq, [n for n, _, _ in layouts]), layouts):

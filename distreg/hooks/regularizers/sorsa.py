@@ -234,7 +234,7 @@ class Sorsa(ValuesHook):
                 raise ValueError("sorsa: peak_lr not given and optim.lr unknown (coefficient gamma / peak_lr)")
         self.b_routes = plan_routes(ctx, [b for _, b in pairs])
 
-    def terms(self, ctx: HookContext) -> tuple[list[float], list[float], list[tuple[ParamShard, torch.Tensor]]]:
+    def terms(self, ctx: HookContext) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[ParamShard, torch.Tensor]]]:
         """Per layer ||A A^T - I|| and ||B^T B - I|| (identical on every rank) and this
         rank's slices of their gradients."""
         pairs = self.pairs(ctx)
@@ -247,7 +247,7 @@ class Sorsa(ValuesHook):
         for (a, b), route in zip(pairs, self.b_routes):
             whole_a = gather_full(ctx, a) if ctx.sharded and not a.replicated else local_rows(a)
             value, g = orth_norm(whole_a, "rows")
-            va.append(float(value))
+            va.append(value.detach())  # device tensors: read back in metrics() only
             grads.append((a, local_slice(a, g)))
             if route == "gram":
                 value, g = orth_norm(local_rows(b), "cols", full_gram=next(full_grams))
@@ -255,7 +255,7 @@ class Sorsa(ValuesHook):
             else:
                 value, g = orth_norm(gather_full(ctx, b) if route == "gather" else local_rows(b), "cols")
                 g = local_slice(b, g)
-            vb.append(float(value))
+            vb.append(value.detach())
             grads.append((b, g))
         return va, vb, grads
 
