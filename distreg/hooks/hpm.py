@@ -13,7 +13,8 @@ with random masks; HPM adds three separable things, each a hook event:
   so any sharding draws the same masks). The EMA weights are held as each rank's slice of
   every parameter (`ParamShard`), so the teacher forward is the strategy's own forward
   with the EMA slices written in and the live ones written back after (exact: fp32 copies;
-  under ZeRO-3 the writes release the gathered parameters, re-gathered by the forward).
+  FSDP2's root is resharded after the teacher forward, under ZeRO-3 the writes release the
+  gathered parameters; the training forward re-gathers the live weights).
   Cost: one no-grad forward per micro-batch on all L patches, two writes of the local
   parameter slices per step; none while n_hard = 0 (the schedule's first steps).
 - `loss`: the relative (ranking) loss of the predicted vs the actual (detached) per-patch
@@ -51,7 +52,7 @@ from pydantic import Field
 
 from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, StatHook
+from distreg.hooks.regularizers._common import F64, StatHook, release_gathered
 from distreg.models.mae import MaskedAutoencoder, mask_uniforms, num_visible
 from distreg.regularizers.hpm import (ema_decay, hard_fraction, masked_values, num_hard, ranking_counts,
                                       ranking_loss, select_visible)
@@ -136,6 +137,7 @@ class HardPatchesMining(StatHook):
         try:
             return [ctx.model(b["input"])["loss_pred"].float() for b in micro_batches]
         finally:
+            release_gathered(ctx.model)  # FSDP2 keeps the root's gathered (EMA) weights otherwise
             for s, w in zip(shards, live):
                 s.write(w)
 
