@@ -181,6 +181,11 @@ class HardPatchesMining(StatHook):
         for e, s in zip(self.ema, self._shards(ctx)):
             e.mul_(d).add_(s.data().detach().float(), alpha=1 - d)
 
+    def plan_memory_bytes(self, total_local: int) -> int:
+        """`distreg plan`: the EMA teacher, fp32, one per local parameter element (the plan's
+        model lacks the loss-predictor branch, about the decoder's size, in both counts)."""
+        return 4 * total_local
+
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {**super().state_dict(), "seed": self.seed,

@@ -191,3 +191,18 @@ def test_rank_invariance_against_single_process(runs, name):
         assert got["predictor"].keys() == single["predictor"].keys() and len(single["predictor"]) > 0
         for k, w in single["predictor"].items():
             torch.testing.assert_close(got["predictor"][k], w, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {k}: {m}")
+
+
+def test_mae_config_is_checked_before_compute():
+    from distreg.config import ConfigError, load_config
+    from distreg.runs.preflight import check_model
+
+    base = ["model.kind=mae", "data.kind=imagenet", "data.image_size=32"]
+    with pytest.raises(ConfigError, match=r"model.mae.image_size=32 but data.image_size=64"):
+        load_config(None, base + ["data.image_size=64"])
+    with pytest.raises(ConfigError, match="not divisible by model.mae.patch_size"):
+        load_config(None, base + ["model.mae.patch_size=5"])
+    with pytest.raises(ConfigError, match="trains on data.kind imagenet"):
+        check_model(load_config(None, ["model.kind=mae", "data.image_size=32"]))
+    info = check_model(load_config(None, base + ["strategy.name=ddp", "hooks=[{name: hpm, schedule_steps: 4, ema_ramp_steps: 4}]"]))
+    assert info["params"] > 0 and info["bytes"]["hook:hpm"] == 4 * info["trainable"]  # DDP: whole EMA copy
