@@ -60,13 +60,6 @@ from distreg.regularizers.hpm import (ema_decay, hard_fraction, masked_values, n
 STAT_KEYS = ("reconstruction_loss", "ranking_loss", "correct_pairs", "pairs", "hard_fraction", "n")
 
 
-def _unwrap(model):
-    """The MaskedAutoencoder under a strategy wrapper (DDP .module, DeepSpeed .module)."""
-    while not isinstance(model, MaskedAutoencoder) and hasattr(model, "module"):
-        model = model.module
-    return model
-
-
 @register
 class HardPatchesMining(StatHook):
     name = "hpm"
@@ -93,7 +86,7 @@ class HardPatchesMining(StatHook):
         self.ema: list[torch.Tensor] | None = None  # this rank's slice of every parameter
         self.mae: MaskedAutoencoder | None = None
         self.mask_ratio = 0.75
-        self._hard = 0.0
+        self._hard = 0.0  # share of this step's masked patches chosen by predicted loss
 
     # -- wiring ---------------------------------------------------------------------------
     def prepare_model(self, model, ctx: HookContext) -> None:
@@ -105,24 +98,19 @@ class HardPatchesMining(StatHook):
         model.add_loss_predictor(self.seed + 1)
         self.mae = model
 
-    def _shards(self, ctx: HookContext):
-        return ctx.local_shards()
-
     def _ensure_ema(self, ctx: HookContext) -> None:
         if self.ema is None:  # the teacher starts as a copy of the model (timm ModelEma)
-            self.ema = [s.data().detach().clone().float() for s in self._shards(ctx)]
+            self.ema = [s.data().detach().clone().float() for s in ctx.local_shards()]
 
     # -- masks ----------------------------------------------------------------------------
     def prepare_batches(self, ctx: HookContext, micro_batches: list[dict]) -> list[dict]:
         self._ensure_ema(ctx)
         n = self.mae.num_patches
         n_keep = num_visible(n, self.mask_ratio)
-        self._hard = hard_fraction(ctx.step, self.params.schedule_steps, self.params.max_hard_fraction)
-        k = num_hard(n - n_keep, self._hard)
-        self._hard = k / (n - n_keep)
-        if k == 0:  # the reference masks at random (the trainer's keyed masks stand)
-            return micro_batches
-        preds = self._teacher_predictions(ctx, micro_batches)
+        k = num_hard(n - n_keep, hard_fraction(ctx.step, self.params.schedule_steps, self.params.max_hard_fraction))
+        self._hard = k / (n - n_keep)  # the realised share (int rounding), for the metric
+        # k = 0: the reference masks at random, and so does select_visible (no teacher forward)
+        preds = self._teacher_predictions(ctx, micro_batches) if k else [None] * len(micro_batches)
         return [{**b, "visible": select_visible(p, mask_uniforms(self.seed, ctx.step, b["index"], n), n_keep, k)}
                 for b, p in zip(micro_batches, preds)]
 
@@ -130,7 +118,7 @@ class HardPatchesMining(StatHook):
     def _teacher_predictions(self, ctx: HookContext, micro_batches: list[dict]) -> list[torch.Tensor]:
         """The EMA teacher's predicted loss of every patch ([B, L] per micro-batch), the
         image unmasked (the reference's `visible_mask` of zeros)."""
-        shards = self._shards(ctx)
+        shards = ctx.local_shards()
         live = [s.data().detach().clone() for s in shards]
         for s, e, w in zip(shards, self.ema, live):
             s.write(e.to(w.dtype))
@@ -178,7 +166,7 @@ class HardPatchesMining(StatHook):
         self._ensure_ema(ctx)
         d = ema_decay(ctx.step - 1, self.params.ema_decay_start, self.params.ema_decay_end,
                       self.params.ema_ramp_steps)
-        for e, s in zip(self.ema, self._shards(ctx)):
+        for e, s in zip(self.ema, ctx.local_shards()):
             e.mul_(d).add_(s.data().detach().float(), alpha=1 - d)
 
     def plan_memory_bytes(self, total_local: int) -> int:
@@ -200,7 +188,7 @@ class HardPatchesMining(StatHook):
 
     def on_train_start(self, ctx: HookContext) -> None:
         if self.ema is not None:  # a resumed teacher: its slices must match this rank's
-            shards = self._shards(ctx)
+            shards = ctx.local_shards()
             bad = [s.name for s, e in zip(shards, self.ema) if e.numel() != s.numel]
             if len(shards) != len(self.ema) or bad:
                 raise ValueError(f"hpm: the checkpoint's EMA teacher does not match this run's parameter slices "

@@ -44,11 +44,11 @@ def ema_decay(step: int, start: float, end: float, ramp_steps: int) -> float:
     return start + min(step / ramp_steps, 1.0) * (end - start)
 
 
-def select_visible(pred_loss: torch.Tensor, uniforms: torch.Tensor, n_keep: int, n_hard: int) -> torch.Tensor:
+def select_visible(pred_loss: torch.Tensor | None, uniforms: torch.Tensor, n_keep: int, n_hard: int) -> torch.Tensor:
     """[B, n_keep] visible patch indices (sorted): the n_hard patches of highest
     `pred_loss` ([B, L]) are masked, the visible ones are the n_keep lowest `uniforms`
     ([B, L] in [0, 1), keyed per sample) among the others (ties in pred_loss: the higher
-    index counts as harder, a stable sort)."""
+    index counts as harder, a stable sort). n_hard = 0: random masking, `pred_loss` unused."""
     scores = uniforms.clone()
     if n_hard > 0:
         hard = torch.argsort(pred_loss, dim=1, stable=True)[:, pred_loss.shape[1] - n_hard:]
