@@ -206,3 +206,23 @@ def test_mae_config_is_checked_before_compute():
         check_model(load_config(None, ["model.kind=mae", "data.image_size=32"]))
     info = check_model(load_config(None, base + ["strategy.name=ddp", "hooks=[{name: hpm, schedule_steps: 4, ema_ramp_steps: 4}]"]))
     assert info["params"] > 0 and info["bytes"]["hook:hpm"] == 4 * info["trainable"]  # DDP: whole EMA copy
+
+
+def test_off_logging_steps_add_no_host_read_or_collective(shards, tmp_path):
+    """A step with teacher-chosen masks, off the logging schedule, reads nothing back and
+    runs no collective beyond what the plain MAE step does (counted as tests/test_step_syncs.py
+    counts them; SGD: CPU AdamW reads its per-parameter step counters, which the predictor adds to)."""
+    from distreg.runtime.trainer import Trainer
+    from tests.test_step_syncs import counting
+
+    seen = {}
+    for name, hooks in (("plain", []), ("hpm", [HOOK])):
+        trainer = Trainer(run_config(shards, str(tmp_path / name), 1, hooks=hooks, **INV), Comm(), track=False)
+        trainer.train_step()
+        trainer.data.next_step = (lambda batches: lambda: batches)(trainer.data.next_step())  # data outside the count
+        with counting() as (counts, _):
+            trainer.step_on_device(metrics_due=False)
+        seen[name] = (counts["collectives"], counts["host_reads"], counts["where"])
+        if hooks:
+            assert trainer.hooks[0]._hard == 0.5  # the teacher chose the masks
+    assert seen["hpm"] == seen["plain"]
