@@ -4,7 +4,7 @@ Trainer runs on synthetic ImageNet whose patch difficulty is predictable (left h
 ramps, right half noise; a module fixture, 32 px, patch 8): the single process learns (the
 reconstruction loss falls, the predictor ranks masked patches above chance), the masks
 follow the EMA teacher's predictions and the schedule, metrics are computed on logging
-steps only, and a checkpoint resumes exactly (EMA teacher included); ddp / fsdp2 / ZeRO-3
+steps only (no host read or collective added otherwise), and a checkpoint resumes exactly (EMA teacher included); ddp / fsdp2 / ZeRO-3
 on 2 gloo ranks equal the single process (losses, predictor weights, metrics).
 """
 from __future__ import annotations
