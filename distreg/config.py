@@ -22,8 +22,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class MaeConfig(_Strict):
+    """`model.kind: mae`: a small MAE-style ViT (distreg/models/mae.py) for masked image
+    modeling on image data (data.kind=imagenet; image_size must equal data.image_size)."""
+
+    image_size: int = Field(32, gt=0)
+    patch_size: int = Field(8, gt=0)
+    dim: int = Field(64, gt=0)
+    depth: int = Field(2, gt=0)
+    heads: int = Field(4, gt=0)
+    decoder_dim: int = Field(32, gt=0)
+    decoder_depth: int = Field(1, gt=0)
+    decoder_heads: int = Field(4, gt=0)
+    mask_ratio: float = Field(0.75, gt=0, lt=1)  # MAE's / HPM's default
+    norm_pix_loss: bool = True  # per-patch normalised pixel targets (HPM's pretrain script leaves it off)
+
+
 class ModelConfig(_Strict):
-    kind: Literal["llama", "torchvision"] = "llama"
+    kind: Literal["llama", "torchvision", "mae"] = "llama"
     preset: str | None = "llama-tiny"
     # Llama dimensions; a preset fills the ones left unset.
     vocab_size: int | None = None
@@ -68,6 +84,7 @@ class ModelConfig(_Strict):
     # torchvision
     arch: str = "resnet50"
     num_classes: int = 1000
+    mae: MaeConfig = MaeConfig()
 
     @model_validator(mode="after")
     def _moe(self) -> "ModelConfig":
@@ -309,6 +326,18 @@ class RunConfig(_Strict):
         if self.strategy.name == "deepspeed" and "://" in ckpt_dir and not ckpt_dir.startswith("file://"):
             raise ValueError("checkpoint.dir: DeepSpeed writes checkpoints to a (shared) filesystem path, "
                              f"not to {ckpt_dir!r}; use strategy.name=fsdp2 for object-store checkpoints")
+        return self
+
+    @model_validator(mode="after")
+    def _mae_images(self) -> "RunConfig":
+        if self.model.kind == "mae":
+            m = self.model.mae
+            if self.data.image_size != m.image_size:
+                raise ValueError(f"model.mae.image_size={m.image_size} but data.image_size={self.data.image_size}")
+            if m.image_size % m.patch_size:
+                raise ValueError(f"model.mae.image_size={m.image_size} is not divisible by model.mae.patch_size")
+            if self.eval.enabled:
+                raise ValueError("eval: held-out evaluation is not implemented for model.kind=mae")
         return self
 
     @model_validator(mode="after")

@@ -1,7 +1,7 @@
 """The Hook protocol and the context (`ctx`) that hides the strategy from hooks.
 
 Order inside one optimizer step (every hook that touches gradients relies on it):
-  forward -> `loss` hooks (sample weights, penalties) -> backward + gradient reduction
+  `prepare_batches` hooks -> forward -> `loss` hooks (sample weights, penalties) -> backward + gradient reduction
   -> `after_backward` hooks (once per optimizer step, on already-reduced gradients)
   -> clipping -> optimizer step -> `after_step` hooks (re-masking, proximal steps,
   store writes, schedules) -> metrics.
@@ -179,6 +179,12 @@ class Hook:
     def prepare_model(self, model: nn.Module, ctx: HookContext) -> None: ...
 
     def on_train_start(self, ctx: HookContext) -> None: ...
+
+    def prepare_batches(self, ctx: HookContext, micro_batches: list[dict]) -> list[dict]:
+        """Once per optimizer step, before the first forward: this rank's micro-batches
+        (on the device), returned possibly changed (e.g. `visible`, the patches a masked
+        image model sees). Extra forwards made here are the hook's cost."""
+        return micro_batches
 
     def loss(self, ctx: HookContext, out: Any, batch: dict, terms: LossTerms) -> LossTerms:
         return terms

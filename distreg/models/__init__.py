@@ -31,6 +31,10 @@ def build_model(cfg: ModelConfig, seed: int, device: str | torch.device = "cpu",
         if init and str(device) != "meta":
             model.init_weights(seed)
         return model
+    if cfg.kind == "mae":
+        from distreg.models.mae import build_mae
+
+        return build_mae(cfg.mae, device, init, seed)
     import torchvision
 
     torch.manual_seed(seed)

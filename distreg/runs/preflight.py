@@ -11,7 +11,7 @@ from distreg.config import ConfigError, RunConfig
 from distreg.runtime import storage
 
 # Which data each model kind trains on.
-MODEL_DATA = {"llama": ("tokens", "mixture"), "torchvision": ("imagenet",)}
+MODEL_DATA = {"llama": ("tokens", "mixture"), "torchvision": ("imagenet",), "mae": ("imagenet",)}
 
 
 def check_model(cfg: RunConfig) -> dict:
@@ -25,7 +25,7 @@ def check_model(cfg: RunConfig) -> dict:
     try:
         return plan(cfg)  # builds the model on the meta device: unknown presets/arches fail here
     except (ValueError, KeyError, AttributeError) as e:
-        key = "model.preset" if cfg.model.kind == "llama" else "model.arch"
+        key = {"llama": "model.preset", "mae": "model.mae"}.get(cfg.model.kind, "model.arch")
         msg = str(e)
         raise ConfigError(msg if msg.startswith("model") else f"{key}: {msg}") from None
 

@@ -21,7 +21,12 @@ IGNORE_INDEX = -100
 def per_sample_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Each sample's loss ([batch]): the mean token cross-entropy of a sequence
     (target [batch, seq]) or the cross-entropy of a classification (target [batch]);
-    ignored targets (IGNORE_INDEX) excluded."""
+    ignored targets (IGNORE_INDEX) excluded. A masked-image-modeling output (a dict,
+    models/mae.py) gives each sample's mean reconstruction loss over its masked patches."""
+    if isinstance(logits, dict):
+        from distreg.models.mae import per_sample_mim_loss
+
+        return per_sample_mim_loss(logits)
     if target.ndim == 1:
         return F.cross_entropy(logits.float(), target, reduction="none", ignore_index=IGNORE_INDEX)
     tok = F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), reduction="none", ignore_index=IGNORE_INDEX)

@@ -187,11 +187,17 @@ class Trainer:
         upcoming = self.step + 1
         self.ctx.metrics_due = (upcoming % cfg.train.log_every == 0 or upcoming == cfg.train.max_steps
                                 if metrics_due is None else metrics_due)
+        if cfg.model.kind == "mae":  # masked image modeling: keyed random masks (models/mae.py)
+            from distreg.models.mae import add_random_masks
+
+            micro_batches = add_random_masks(micro_batches, cfg.model.mae, cfg.train.seed, self.step)
+        for hook in self.hooks:  # e.g. hpm: masks chosen by a predicted loss
+            micro_batches = hook.prepare_batches(self.ctx, micro_batches)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m
             with self.strategy.accumulation_context(last):
-                out = self.strategy.model(batch["input"])
+                out = self.strategy.model(batch["input"], *([batch["visible"]] if "visible" in batch else []))
                 terms = LossTerms(per_sample_loss(out, batch["target"]),
                                   reduction_weights(batch["target"], cfg.train.loss_reduction, denom), batch["index"])
                 if self.moe_layers:

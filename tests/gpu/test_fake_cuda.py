@@ -3,7 +3,7 @@ Trainer step) runs with parameters, gradients and batches on a CUDA device faked
 CPU (tests/gpu/fakecuda.py). Any CPU tensor that meets a CUDA tensor in an op (other
 than a 0-dim scalar, which CUDA kernels accept too) raises, as it would on a GPU.
 
-Covered per hook: prepare_model, on_train_start, loss (every micro-batch), after_backward
+Covered per hook: prepare_model, on_train_start, prepare_batches, loss (every micro-batch), after_backward
 (on gradients set on the fake device: the autograd engine needs a real CUDA context),
 after_step and metrics, over enough steps to pass each hook's schedule once; a hook that
 writes gradients must declare `writes_gradients` (the DeepSpeed fp16 refusal uses it).
@@ -31,6 +31,7 @@ PARAMS = {
     "layer_adaptive": {"sparsity": 0.5, "num_levels": 4, "max_level": 0.9},
     "magnitude_pruning": {"sparsity": 0.5, "start_step": 1, "end_step": 2, "frequency": 1},
     "hessian_trace": {"max_probes": 1},
+    "hpm": {"schedule_steps": 1, "ema_ramp_steps": 1},  # teacher-chosen masks from the first step
     "mba_l2": {"lam": 0.01},
     "nested_dropout": {"sigma": 3.0},
     "ps_kd": {"num_epochs": 2},
@@ -49,7 +50,7 @@ SKIP = {
                      "models (covered by tests/hooks/test_fire_together_hook.py on CPU)",
 }
 # Hooks for classifiers / regressors get a small MLP with a `output` head instead of Llama.
-TASK = {"elr": "classify", "ps_kd": "classify", "cs_ib": "regress"}
+TASK = {"elr": "classify", "ps_kd": "classify", "cs_ib": "regress", "hpm": "mim"}
 # Hooks whose schedules act on values (radix-select counts): the host-read stand-ins make
 # their value checks fail with a ValueError, after the device-relevant code has run.
 VALUE_CHECKED = {"layer_adaptive"}
@@ -90,6 +91,12 @@ class MLP(torch.nn.Module):
 
 def make_batch(task: str, m: int) -> dict:
     index = torch.arange(BATCH, device=FAKE_CUDA) + BATCH * m
+    if task == "mim":  # masked image modeling (model.kind=mae): images, keyed random masks
+        from distreg.models.mae import random_visible
+
+        return {"input": torch.randn(BATCH, 3, 16, 16, device=FAKE_CUDA),
+                "target": torch.zeros(BATCH, dtype=torch.long, device=FAKE_CUDA), "index": index,
+                "visible": random_visible(0, 0, index, 16, 0.75)}
     if task == "lm":
         tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), device=FAKE_CUDA)
         return {"input": tokens[:, :-1], "target": tokens[:, 1:], "index": index}
@@ -111,8 +118,13 @@ def run_on_fake_cuda(name: str, tmp_path) -> list[str]:
     mcfg = ModelConfig(preset="llama-tiny", vocab_size=VOCAB, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
                        max_seq_len=SEQ)
     task = TASK.get(name, "lm")
+    if task == "mim":
+        from distreg.config import MaeConfig
+
+        mcfg = ModelConfig(kind="mae", mae=MaeConfig(image_size=16, patch_size=4, dim=16, heads=2, decoder_dim=16,
+                                                     decoder_heads=2))
     with fake_cuda_mode():
-        if task == "lm":
+        if task in ("lm", "mim"):
             model = build_model(mcfg, 0, FAKE_CUDA, init=False)
         else:
             with torch.device(FAKE_CUDA):
@@ -124,10 +136,10 @@ def run_on_fake_cuda(name: str, tmp_path) -> list[str]:
         ctx.shards_fn = lambda: _shards(model, written)
         hook.on_train_start(ctx)
         for step in range(STEPS):
-            for m in range(MICRO):
+            batches = hook.prepare_batches(ctx, [make_batch(task, m) for m in range(MICRO)])
+            for m, batch in enumerate(batches):
                 ctx.micro_step = m
-                batch = make_batch(task, m)
-                out = model(batch["input"])
+                out = model(batch["input"], *([batch["visible"]] if "visible" in batch else []))
                 weight = (torch.full((BATCH,), 1 / (BATCH * MICRO), device=FAKE_CUDA) if task == "regress" else
                           reduction_weights(batch["target"], "sample", BATCH * MICRO))
                 terms = LossTerms(sample_loss(task, out, batch["target"]), weight, batch["index"])
