@@ -98,6 +98,18 @@ def test_inner_step_equals_the_reference_mechanism():
     model.eval()  # eval forwards are never perturbed
     h.before_forward(ctx, batches[0])
     torch.testing.assert_close(model.conv1(x[:4]), plain(x[:4]))
+    # a step off the metrics steps: no host read; one collective per ascent step (the scales' gradient)
+    from tests.test_step_syncs import counting
+
+    model.train()
+    ctx.step, ctx.metrics_due = 1, False
+    with counting() as (counts, _):
+        h.inner_step(ctx, batches, loss_fn)
+        for b in batches:
+            h.before_forward(ctx, b)
+            loss_fn(b).backward()
+        h.after_backward(ctx)
+    assert (counts["collectives"], counts["host_reads"]) == (1, 0), counts["where"]
 
 
 def test_bad_layers_are_refused():
