@@ -49,7 +49,8 @@ micro-batch per step; on metrics steps one more no-grad forward with the layers 
 
 Metrics (metrics steps only; one 3-float all-reduce): `clean_loss` (un-perturbed forward,
 same weights), `perturbed_loss` (the real pass), `loss_gap` (perturbed - clean),
-`ascent_loss` (the last inner pass), `mean_scale_norm` / `std_scale_norm` (L2 norm of the
+`ascent_loss` (the last inner pass that ran; 0 when every layer drew identity in every
+pass), `mean_scale_norm` / `std_scale_norm` (L2 norm of the
 scales over all layers), `ascent_grad_norm` (of the last ascent step).
 """
 from __future__ import annotations
@@ -105,6 +106,8 @@ class AdvStyle(Hook):
 
     # -- install ----------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, ctx: HookContext) -> None:
+        if len(set(self.params.layers)) != len(self.params.layers):
+            raise ValueError(f"adv_style: layers: a module is listed twice in {self.params.layers}")
         for layer in self.params.layers:
             try:
                 mod = model.get_submodule(layer)
@@ -236,5 +239,9 @@ class AdvStyle(Hook):
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = state.get("seed", self.seed)
-        self.scales = {k: v.clone() for k, v in state.get("scales", {}).items()}
+        scales = state.get("scales", {})
+        if scales and set(scales) != set(self.params.layers):
+            raise ValueError(f"adv_style: the checkpoint holds scales for layers {sorted(scales)}, "
+                             f"the config perturbs {sorted(self.params.layers)}")
+        self.scales = {k: v.clone() for k, v in scales.items()}
         self.values = dict(state.get("values", {}))
