@@ -1,7 +1,8 @@
 """The Hook protocol and the context (`ctx`) that hides the strategy from hooks.
 
 Order inside one optimizer step (every hook that touches gradients relies on it):
-  `prepare_batches` hooks -> forward -> `loss` hooks (sample weights, penalties) -> backward + gradient reduction
+  `prepare_batches` hooks (once per step) -> [`inner_step` of `adversarial` hooks, over all the step's micro-batches]
+  -> per micro-batch: `before_forward` -> forward -> `loss` hooks (sample weights, penalties) -> backward + gradient reduction
   -> `after_backward` hooks (once per optimizer step, on already-reduced gradients)
   -> clipping -> optimizer step -> `after_step` hooks (re-masking, proximal steps,
   store writes, schedules) -> metrics.
@@ -175,6 +176,28 @@ class Hook:
 
     def __init__(self, params: "Hook.Params"):
         self.params = params
+
+    # Inner maximisation (adversarial methods, e.g. `adv_style`): the Trainer calls
+    # `inner_step` once per optimizer step, before the step's real forwards, with every
+    # micro-batch of this rank and `loss_fn(batch)`: a forward of the model in training
+    # mode (the strategy's compute dtype, no gradient sync) returning that micro-batch's
+    # share of the global mean task loss (reduction weights over all ranks' and
+    # micro-batches' samples, no hook terms), differentiable. The hook maximises over its
+    # *own* variables with `torch.autograd.grad(loss, its_variables)`: no parameter
+    # gradient is formed or accumulated, so no DDP all-reduce / FSDP2 reduce-scatter /
+    # ZeRO-3 gradient partitioning runs (FSDP2 / ZeRO-3 still all-gather the weights for
+    # the backward, as for any backward); summing its gradient over ranks (one all-reduce
+    # of its own, small) makes the update the single-process one. Cost: one extra forward
+    # + backward per micro-batch per inner iteration; BatchNorm running statistics are
+    # updated by the inner forwards as by any training forward.
+    adversarial: bool = False
+
+    def inner_step(self, ctx: HookContext, micro_batches: list[dict],
+                   loss_fn: Callable[[dict], torch.Tensor]) -> None: ...
+
+    def before_forward(self, ctx: HookContext, batch: dict) -> None:
+        """Right before the real forward of each micro-batch (e.g. to key per-sample
+        randomness on `batch["index"]`)."""
 
     def prepare_model(self, model: nn.Module, ctx: HookContext) -> None: ...
 

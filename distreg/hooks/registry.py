@@ -26,6 +26,7 @@ def _load_builtin() -> None:
     from distreg.hooks import quant_noise, self_distill_gt  # noqa: F401
     from distreg.hooks import fire_together  # noqa: F401
     from distreg.hooks import hpm  # noqa: F401
+    from distreg.hooks import adv_style  # noqa: F401
 
 
 def hook_class(name: str) -> type[Hook]:

@@ -27,6 +27,7 @@ from distreg.runtime import checkpoint as ckpt
 from distreg.runtime.compile import compile_blocks
 from distreg.runtime.comm import Comm
 from distreg.runtime.evaluate import Evaluator
+from distreg.runtime.inner import inner_loss_fn
 from distreg.runtime.precision import check_precision
 from distreg.runtime.loss import StepCounts, known_counts, local_counts, per_sample_loss, reduction_weights
 from distreg.runtime.step_metrics import StepMetricBuffer
@@ -193,10 +194,17 @@ class Trainer:
             micro_batches = add_random_masks(micro_batches, cfg.model.mae, cfg.train.seed, self.step)
         for hook in self.hooks:  # e.g. hpm: masks chosen by a predicted loss
             micro_batches = hook.prepare_batches(self.ctx, micro_batches)
+        adversarial = [h for h in self.hooks if h.adversarial]
+        if adversarial:  # inner maximisation before the real passes (hooks/base.py: `adversarial`)
+            loss_fn = inner_loss_fn(self.strategy, cfg.train.loss_reduction, denom)
+            for hook in adversarial:
+                hook.inner_step(self.ctx, micro_batches, loss_fn)
         for m, batch in enumerate(micro_batches):
             last = m == len(micro_batches) - 1
             self.ctx.micro_step = m
             with self.strategy.accumulation_context(last):
+                for hook in self.hooks:
+                    hook.before_forward(self.ctx, batch)
                 out = self.strategy.model(batch["input"], *([batch["visible"]] if "visible" in batch else []))
                 terms = LossTerms(per_sample_loss(out, batch["target"]),
                                   reduction_weights(batch["target"], cfg.train.loss_reduction, denom), batch["index"])

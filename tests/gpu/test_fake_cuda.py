@@ -46,6 +46,8 @@ SKIP = {
                     "(covered by tests/hooks/test_distillation_hook.py on CPU)",
     "self_distill_gt": "needs a teacher checkpoint on disk; the teacher moves to the logits' device "
                        "(covered by tests/hooks/test_self_distill_gt_hook.py on CPU)",
+    "adv_style": "needs 4-D CNN feature maps and acts in the Trainer's inner-maximisation step, which this "
+                 "harness does not drive (covered by tests/hooks/test_adv_style_hook.py on CPU)",
     "fire_together": "needs a torchvision CNN (Conv2d followed by BatchNorm); this harness builds Llama / MLP "
                      "models (covered by tests/hooks/test_fire_together_hook.py on CPU)",
 }
