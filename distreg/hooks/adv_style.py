@@ -63,7 +63,7 @@ from torch import nn
 
 from distreg.hooks.base import Hook, HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, release_gathered
+from distreg.hooks.regularizers._common import F64, buffers_unchanged, release_gathered
 from distreg.regularizers.adv_style import EPS, ascent, init_scales, keyed_normal, moment_sums, perturb
 
 
@@ -184,18 +184,15 @@ class AdvStyle(Hook):
         """No-grad forwards with the layers un-perturbed: this rank's share of the clean
         loss, and (first step) the moment sums that initialise the scales. BatchNorm's
         running statistics are restored after it: a metric must not change training."""
-        buffers = [b for b in ctx.model.buffers()]
-        saved = [b.clone() for b in buffers]
         self.mode, self.sums = ("stats" if initialising else "off"), {}
         total = torch.zeros((), dtype=F64, device=micro_batches[0]["input"].device)
         try:
-            for batch in micro_batches:
-                self.index = batch["index"]
-                total += loss_fn(batch).to(F64)
+            with buffers_unchanged(ctx.model):
+                for batch in micro_batches:
+                    self.index = batch["index"]
+                    total += loss_fn(batch).to(F64)
         finally:
             self.mode, self.index = "off", None
-            for b, s in zip(buffers, saved):
-                b.copy_(s)
         release_gathered(ctx.model)
         if initialising:
             missing = [layer for layer in self.params.layers if layer not in self.sums]

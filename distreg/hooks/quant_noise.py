@@ -32,7 +32,7 @@ from torch import nn
 
 from distreg.hooks.base import Hook, HookContext, LossTerms
 from distreg.hooks.registry import register
-from distreg.hooks.regularizers._common import F64, release_gathered
+from distreg.hooks.regularizers._common import F64, buffers_unchanged, release_gathered
 from distreg.regularizers.quant_noise import fake_quantize, quant_noise, quant_step
 from distreg.runtime.loss import per_sample_loss, valid_counts
 
@@ -132,7 +132,8 @@ class QuantNoise(Hook):
             self.mode = mode
             b["deltas"] = [] if mode == "noise" else None
             try:
-                out = ctx.model(b["input"])
+                with buffers_unchanged(ctx.model):  # a report must not move BatchNorm's statistics
+                    out = ctx.model(b["input"])
             finally:
                 self.mode = "noise"
             sums.append((per_sample_loss(out, b["target"]).to(F64) * n).sum())

@@ -75,6 +75,23 @@ def test_no_matching_layer_is_an_error():
         hook(include=["nothing*"]).prepare_model(model, HookContext(comm=Comm(), strategy="ddp", model=model))
 
 
+def test_report_forwards_leave_batchnorm_statistics_alone():
+    # The three report forwards (noisy, clean, quantized) run in training mode; without
+    # restoring, BatchNorm's running mean would move three times per report.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 4 * 4, 5))
+    h = hook(report_every=1)
+    ctx = HookContext(comm=Comm(), strategy="ddp", model=model)
+    h.prepare_model(model, ctx)
+    before = [b.clone() for b in model.buffers()]
+    h.probe = {"input": torch.randn(6, 3, 6, 6) + 2.0, "target": torch.randint(0, 5, (6,))}
+    h._report(ctx)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))
+    assert h.values["quant_noise/clean_loss"] > 0
+    model(torch.randn(6, 3, 6, 6) + 2.0)  # a training forward still updates them
+    assert not torch.equal(before[0], model[1].running_mean)
+
+
 # --------------------------------------------------------------------------- real strategies (one spawn)
 
 STEPS = 3

@@ -24,6 +24,8 @@ additions are not) and ZeRO-1/2 (no `write_grad`; refused at train start).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 from fnmatch import fnmatchcase
 
@@ -233,6 +235,20 @@ def release_gathered(model: nn.Module) -> None:
         reshard = getattr(mod, "reshard", None)
         if callable(reshard):
             reshard()
+
+
+@contextmanager
+def buffers_unchanged(model: nn.Module):
+    """Around a metric's extra forward in training mode: BatchNorm (and Dice) running
+    statistics are put back afterwards, so a report never changes training."""
+    buffers = list(model.buffers())
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in zip(buffers, saved):
+                b.copy_(v)
 
 
 def scalars(values: dict[str, torch.Tensor | float]) -> dict[str, float]:
