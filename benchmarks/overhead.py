@@ -65,7 +65,7 @@ def interleaved(ours, hand, steps: int) -> tuple[list[float], list[float]]:
 
 def trainer_step(trainer):
     def f(log: bool) -> None:
-        trainer.step_on_device()
+        trainer.step_on_device(prefetch=True)  # as `fit` runs it: the next step's batches fetched at the end
         if log:
             trainer.step_metrics.flush()  # the logging step's one reduction + read back
     return f

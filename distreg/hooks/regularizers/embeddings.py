@@ -211,8 +211,9 @@ class ThresholdConsistentMargin(_HeadHook):
         if valid.dim() > 1:  # token models: global position = sample index * length + offset
             length = valid.shape[-1]
             index = index * length + torch.arange(length, device=valid.device)
-        draw = index_uniform_at(self.params.seed, f"tcm/{ctx.step}/{ctx.micro_step}", index.cpu())
-        return valid & (draw < f).to(valid.device)
+        # integer hashing: the same draw on any device (no copy back to the host)
+        draw = index_uniform_at(self.params.seed, f"tcm/{ctx.step}/{ctx.micro_step}", index)
+        return valid & (draw < f)
 
     def loss(self, ctx: HookContext, out, batch: dict, terms: LossTerms) -> LossTerms:
         p = self.params
