@@ -137,6 +137,44 @@ def _positive_topk_mask(X: Tensor, k: int, dim: int, scope: _Scope | None, col_s
     return pos & keep.view(Xd.shape).movedim(-1, dim)
 
 
+def _positive_topk_weights(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Local ``[X]₊`` restricted to the k largest entries of each column, and its 0/1
+    indicator, both in ``X``'s dtype: the same selection as :func:`_positive_topk_mask`
+    (``dim=-2``, local) without boolean tensors — on CPU a masked ``where`` or a bool→float
+    cast costs ~20× a multiply. Only the columns with more than k positive entries (the
+    binding ones) are touched: near the optimum they hold a few positives beyond k, so
+    the ``excess`` smallest positives are dropped (a top-``excess`` of the smallest
+    instead of a top-k over the column). Exact ties at the threshold (common: every
+    token with one active expert has the same ``X = γ a_i`` after a row fit) drop the
+    lower token indices first."""
+    Xp = X.clamp_min(0)
+    W = Xp.sign()
+    excess = (W.sum(-2) - k).clamp_min(0)  # [..., m]
+    worst = int(excess.max()) if excess.numel() else 0
+    if worst == 0:
+        return Xp, W
+    Xd = Xp.transpose(-1, -2)
+    flat = Xd.reshape(-1, Xd.shape[-1])  # [problems·m, n]
+    cols = (excess.reshape(-1) > 0).nonzero().squeeze(-1)
+    sub = flat[cols]
+    # non-positives pushed past every positive value; the `excess`-th smallest positive
+    # is the column's threshold v: positives below v go, and of those equal to v the
+    # lower token indices go first (a canonical rule: the same selection whatever the
+    # batch or the number of ranks, as in `_global_positive_topk_cols`)
+    low = sub + (1 - sub.sign()) * torch.finfo(sub.dtype).max / 4
+    e = excess.reshape(-1)[cols].unsqueeze(-1)  # [cols, 1]
+    vals = torch.topk(low, min(worst, low.shape[-1]), dim=-1, largest=False, sorted=True).values
+    v = vals.gather(-1, (e - 1).long())
+    below = (low < v).to(sub.dtype)
+    tied = (low == v).to(sub.dtype)
+    quota = e - below.sum(-1, keepdim=True)
+    keep = 1 - below - tied * (tied.cumsum(-1) <= quota).to(sub.dtype)
+    full = torch.ones_like(flat)
+    full[cols] = keep
+    Wk = full.view(Xd.shape).transpose(-1, -2)
+    return Xp * Wk, W * Wk
+
+
 def _topk_rows(X: Tensor, k: int):
     """Per-token top-k over experts (always local)."""
     k = min(k, X.shape[-1])

@@ -291,6 +291,10 @@ def ot_router(
             gamma = kw.pop("gamma", 0.1) * n_group
             kw.setdefault("max_iter", 100)
             kw.setdefault("tol", 1e-3)
+            # a warm-started call (a training micro-step) runs semi-smooth Newton alone: a
+            # few steps from the previous potentials, stopping at the capped dual's kink
+            # floor; a cold call also tries L-BFGS where Newton stalls (sparse_ot_plan "auto")
+            kw.setdefault("solver", "newton" if kw.get("init") is not None else "auto")
             res = sparse_ot_plan(scores=L, gamma=gamma, max_nz_col=cap if cap < n_group else None,
                                  comm=scope_comm, dtype=dtype, **kw)
         else:

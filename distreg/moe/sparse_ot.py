@@ -9,7 +9,8 @@ from torch import Tensor
 
 from distreg.moe.lbfgs import _lbfgs_ascent
 from distreg.moe.ot_core import OTResult, _finish, _setup
-from distreg.moe.ot_select import _positive_topk_mask, _simplex_theta, _topk_cols, _topk_rows, sparse_simplex_projection
+from distreg.moe.sparse_newton import _newton_dual_ascent
+from distreg.moe.ot_select import _positive_topk_mask, _positive_topk_weights, _simplex_theta, _topk_cols, _topk_rows, sparse_simplex_projection
 
 
 # ----------------------------------------------------------------------------- sparse OT
@@ -32,6 +33,7 @@ def sparse_ot_plan(
     dtype: torch.dtype | None = None,
     col_select: str = "radix",
     init: tuple[Tensor | None, Tensor] | None = None,
+    solver: str = "auto",
 ) -> OTResult:
     """Sparsity-constrained, squared-L2-regularised OT (Liu, Puigcerver, Blondel 2023).
 
@@ -117,6 +119,11 @@ def sparse_ot_plan(
             theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
         return -gamma * a * theta.squeeze(-1)
 
+    if solver not in ("auto", "newton", "lbfgs"):
+        raise ValueError(f"solver: expected 'auto', 'newton' or 'lbfgs', got {solver!r}")
+    if solver == "newton" and (formulation != "dual" or axis == "row"):
+        raise ValueError("solver='newton' solves the dual with a column cap or none; use solver='lbfgs'")
+    newton = solver != "lbfgs" and formulation == "dual" and axis != "row"
     if formulation == "dual":
 
         def plan_of(x):
@@ -134,8 +141,30 @@ def sparse_ot_plan(
             buf = pack(T, [loc_obj, ga.abs().sum(-1)])
             gb = b - buf[..., :m]
             obj = buf[..., 2 * m] + (x[1] * b).sum(-1)
+            res = buf[..., 2 * m + 1] + gb.abs().sum(-1)
             diag = [inv_curv((T > 0).sum(-1).to(T.dtype)), inv_curv(buf[..., m:2 * m])]
-            return obj, [ga, gb], buf[..., 2 * m + 1] + gb.abs().sum(-1), diag
+            return obj, [ga, gb], res, diag
+
+        def positive_part(x):
+            """γ·T and its 0/1 support as float tensors (no boolean masks: see
+            `_positive_topk_weights`); the plan is ``γT / γ``."""
+            X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+            if axis == "none":
+                Xp = X.clamp_min(0)
+                return Xp, Xp.sign()
+            if scope.glob:
+                W = _positive_topk_mask(X, kc, -2, scope, col_select).to(X.dtype)
+                return X.clamp_min(0) * W, W
+            return _positive_topk_weights(X, kc)
+
+        def evaluate_newton(x):
+            GT, W = positive_part(x)
+            ga = a - GT.sum(-1) / gamma
+            loc_obj = (x[0] * a).sum(-1) - (0.5 / gamma) * (GT * GT).sum((-2, -1))
+            buf = scope.sum_(torch.cat([GT.sum(-2) / gamma, W.sum(-2), torch.stack([loc_obj, ga.abs().sum(-1)], -1)], -1))
+            gb = b - buf[..., :m]
+            obj = buf[..., 2 * m] + (x[1] * b).sum(-1)
+            return obj, [ga, gb], buf[..., 2 * m + 1] + gb.abs().sum(-1), W, buf[..., m:2 * m]
 
         beta0 = torch.zeros_like(b) if init is None else init[1].detach().to(C.dtype).expand_as(b).clone()
         x0 = [row_fit(beta0), beta0]
@@ -178,9 +207,30 @@ def sparse_ot_plan(
 
             x0, sharded = [torch.zeros_like(b)], [False]
 
-    x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
-    T = plan_of(x)
-    info: dict[str, Any] = {"evaluations": nevals, "stalled": stalled, "formulation": formulation}
+    if newton:
+        x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+        used = "newton"
+        if solver == "auto" and bool(stalled.any()):
+            # Newton stops where the capped conjugate's kinks leave it no usable curvature
+            # (a tie at a capacity boundary next to a flat direction of the dual: hard
+            # assignments). L-BFGS from the standard start, whose Wolfe-type steps creep
+            # along such faces, is run as well; each problem keeps the higher dual objective
+            # (replicated values: every rank keeps the same one).
+            xl, it2, nev2, stalled_l = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
+            on, _, rn, _, _ = evaluate_newton(x)
+            ol, _, rl, _, _ = evaluate_newton(xl)
+            noise = 8 * torch.finfo(on.dtype).eps * (on.abs() + 1)
+            take = stalled & ((ol > on + noise) | ((ol >= on - noise) & (rl < rn)))
+            T = torch.where(take[..., None, None], plan_of(xl), positive_part(x)[0] / gamma)
+            x = [torch.where(take.unsqueeze(-1), u, v) for u, v in zip(xl, x)]
+            stalled = torch.where(take, stalled_l, stalled)
+            it, nevals, used = it + it2, nevals + nev2 + 2, "newton+lbfgs"
+        else:
+            T = positive_part(x)[0] / gamma
+    else:
+        x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
+        T, used = plan_of(x), "lbfgs"
+    info: dict[str, Any] = {"evaluations": nevals, "stalled": stalled, "formulation": formulation, "solver": used}
     if truncate_rows:
         before = T.sum()
         T = T * _topk_rows(T, kr)[0]
