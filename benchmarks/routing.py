@@ -83,6 +83,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (warm starts settle)")
     ap.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn / SNS / POT tolerance")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                    help="run only these rows (e.g. topk sparse_ot; topk and 'POT default' are always kept as baselines)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: stable timings on shared CPUs; 0: torch default)")
     args = ap.parse_args()
@@ -133,6 +135,9 @@ def main() -> None:
                 return run
 
             methods += [Method("POT default", pot("sinkhorn")), Method("POT log", pot("sinkhorn_log"))]
+        if args.only:
+            keep = set(args.only) | {"topk", "POT default"}
+            methods = [mt for mt in methods if mt.name in keep]
         for r in range(args.warmup + args.rounds):
             logits = torch.randn(n, m, generator=gen) + bias
             for meth in methods:

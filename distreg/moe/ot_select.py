@@ -153,10 +153,11 @@ def _positive_topk_weights(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
     worst = int(excess.max()) if excess.numel() else 0
     if worst == 0:
         return Xp, W
-    Xd = Xp.transpose(-1, -2)
-    flat = Xd.reshape(-1, Xd.shape[-1])  # [problems·m, n]
+    B3 = Xp.reshape(-1, *Xp.shape[-2:])  # [problems, n, m] (a view)
+    m = Xp.shape[-1]
     cols = (excess.reshape(-1) > 0).nonzero().squeeze(-1)
-    sub = flat[cols]
+    prob, col = cols // m, cols % m
+    sub = B3[prob, :, col]  # [binding columns, n]: only those columns are copied
     # non-positives pushed past every positive value; the `excess`-th smallest positive
     # is the column's threshold v: positives below v go, and of those equal to v the
     # lower token indices go first (a canonical rule: the same selection whatever the
@@ -169,9 +170,9 @@ def _positive_topk_weights(X: Tensor, k: int) -> tuple[Tensor, Tensor]:
     tied = (low == v).to(sub.dtype)
     quota = e - below.sum(-1, keepdim=True)
     keep = 1 - below - tied * (tied.cumsum(-1) <= quota).to(sub.dtype)
-    full = torch.ones_like(flat)
-    full[cols] = keep
-    Wk = full.view(Xd.shape).transpose(-1, -2)
+    Wk = torch.ones_like(B3)
+    Wk[prob, :, col] = keep
+    Wk = Wk.view(Xp.shape)
     return Xp * Wk, W * Wk
 
 

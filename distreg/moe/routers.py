@@ -264,7 +264,11 @@ def ot_router(
       (the paper's MoE constraint: a column cap). ``gamma`` (default 0.1) is per token:
       the solver gets ``gamma · n`` so that the regularisation acts on each token's
       distribution over experts independently of the group size. Defaults
-      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10).
+      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10). A warm-started
+      call (``init=``, what the MoE layer passes every micro-step) runs semi-smooth
+      Newton alone (``solver="newton"``: a few steps, stopping at the capped dual's kink
+      floor — the plan still respects the capacity by construction); a cold call uses
+      ``solver="auto"`` (L-BFGS too where Newton stalls). Pass ``solver=`` to override.
     ``gate``: ``"softmax"`` (router probabilities, differentiable), ``"sigmoid"``
     (Megatron's k = 1 Sinkhorn gate), or ``"plan"`` (``n·T_ij``, no gradient).
     """

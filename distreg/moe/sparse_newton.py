@@ -50,7 +50,7 @@ def _newton_dual_ascent(
     tol: float,
     max_ls: int = 30,
     c1: float = 1e-4,
-    patience: int = 2,
+    patience: int = 1,
 ):
     """Maximise the dual over ``x = [α (this rank's tokens), β (replicated)]``.
 

@@ -9,8 +9,15 @@ from torch import Tensor
 
 from distreg.moe.lbfgs import _lbfgs_ascent
 from distreg.moe.ot_core import OTResult, _finish, _setup
+from distreg.moe.ot_select import (
+    _positive_topk_mask,
+    _positive_topk_weights,
+    _simplex_theta,
+    _topk_cols,
+    _topk_rows,
+    sparse_simplex_projection,
+)
 from distreg.moe.sparse_newton import _newton_dual_ascent
-from distreg.moe.ot_select import _positive_topk_mask, _positive_topk_weights, _simplex_theta, _topk_cols, _topk_rows, sparse_simplex_projection
 
 
 # ----------------------------------------------------------------------------- sparse OT
@@ -39,7 +46,7 @@ def sparse_ot_plan(
 
     ``min ⟨T,C⟩ + (γ/2)‖T‖²`` s.t. ``T ≥ 0, T1 = a, Tᵀ1 = b`` and at most ``max_nz_col``
     nonzeros per column (tokens per expert) or ``max_nz_row`` per row (experts per
-    token); neither = quadratically regularised OT. Solved by batched L-BFGS on
+    token); neither = quadratically regularised OT. Solved, batched, on
 
     * ``formulation="dual"`` over (α, β): ``⟨α,a⟩ + ⟨β,b⟩ − Σ δ_k(α_i + β_j − C_ij)``
       with δ_k applied per column (or per row); plan ``[X]₊/γ`` on the top-k entries
@@ -62,6 +69,15 @@ def sparse_ot_plan(
     ``converged=False``; the plan still respects the caps and the routers' capacity rule
     handles the remaining imbalance.
 
+    ``solver``: ``"newton"`` — semi-smooth Newton on the dual (column cap or none; see
+    `distreg.moe.sparse_newton`): per step an ``m × m`` expert system, converging in a
+    few steps from a warm start, stopping where a kink of the capped conjugate leaves it
+    no usable curvature; ``"lbfgs"`` — batched L-BFGS (every formulation and cap);
+    ``"auto"`` (default) — Newton where it applies, and where a problem stalls above
+    ``tol`` L-BFGS from the standard start too, keeping per problem the higher dual
+    objective (then the residual): never worse than L-BFGS alone, at the cost of both
+    on those problems. ``max_iter`` bounds each of them; ``iterations`` adds them up.
+
     Initialisation: α fits every row exactly (β = 0); the L-BFGS initial Hessian is
     ``γ / #active entries`` per variable (tokens and experts differ by ~n/m in curvature).
     Global scope, per evaluation: the exact per-expert top-k over all tokens by the
@@ -79,7 +95,8 @@ def sparse_ot_plan(
     α is fitted to it row by row), e.g. ``OTResult.g`` of the previous micro-step of
     the same routing layer: routing changes slowly, so far fewer iterations remain.
 
-    ``info``: ``evaluations``, ``stalled`` (per problem: stopped without progress),
+    ``info``: ``solver`` (``newton``, ``lbfgs`` or ``newton+lbfgs``), ``evaluations``,
+    ``stalled`` (per problem: stopped without progress),
     ``nnz_col_max``/``nnz_row_max``/``density`` of the plan, per-problem ``residuals``.
     """
     C, a, b, scope = _setup(cost, scores, a, b, comm, dtype)
@@ -161,7 +178,8 @@ def sparse_ot_plan(
             GT, W = positive_part(x)
             ga = a - GT.sum(-1) / gamma
             loc_obj = (x[0] * a).sum(-1) - (0.5 / gamma) * (GT * GT).sum((-2, -1))
-            buf = scope.sum_(torch.cat([GT.sum(-2) / gamma, W.sum(-2), torch.stack([loc_obj, ga.abs().sum(-1)], -1)], -1))
+            scalars = torch.stack([loc_obj, ga.abs().sum(-1)], -1)
+            buf = scope.sum_(torch.cat([GT.sum(-2) / gamma, W.sum(-2), scalars], -1))
             gb = b - buf[..., :m]
             obj = buf[..., 2 * m] + (x[1] * b).sum(-1)
             return obj, [ga, gb], buf[..., 2 * m + 1] + gb.abs().sum(-1), W, buf[..., m:2 * m]
