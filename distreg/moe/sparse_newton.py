@@ -20,10 +20,15 @@ matrix (issue 14).
 Safeguards: tokens / experts without an active entry get curvature 1 (their step then
 makes one entry carry their whole marginal); the Laplacian's null direction (shifting
 α by +s and β by −s leaves the plan unchanged) is removed from the right-hand side and
-filled by a rank-one term; a small ridge keeps split expert groups solvable; Armijo
-backtracking on ``D``. A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is
-below ``tol``, or when it makes no progress (a kink of the capped conjugate, where no
-plan of a single active set meets the marginals: see ``sparse_ot_plan``). Every decision
+filled by a rank-one term; a Levenberg-Marquardt term ``μ·diag(c)`` (μ from 3e-2, ÷4
+after a full step, ×4 after a shortened one) bounds the step of an expert that shares
+no token with the others — its reduced curvature is 0 and the dual is linear along it
+until a token switches; Armijo backtracking on ``D`` (30 halvings for the first step,
+8 later). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
+``tol``, or when it makes no progress — residual not halved and objective not raised
+beyond round-off, once within 10·tol, three times otherwise — or when no step is
+acceptable (a kink of the capped conjugate, where no plan of a single active set meets
+the marginals: see ``sparse_ot_plan``). Every decision
 is taken on replicated numbers, so every rank runs the same iterations; problems of a
 batch are frozen independently (a batch gives each problem the result it gets alone).
 """
@@ -37,8 +42,8 @@ from torch import Tensor
 
 from distreg.moe.ot_core import _Scope
 
-# relative ridge on the expert Laplacian (keeps expert groups that share no token solvable)
-_RIDGE = 1e-6
+# initial Levenberg-Marquardt damping, relative to each expert's active-token count
+_RIDGE = 3e-2
 
 
 def _newton_dual_ascent(
@@ -49,6 +54,7 @@ def _newton_dual_ascent(
     max_iter: int,
     tol: float,
     max_ls: int = 30,
+    max_ls_later: int = 8,
     c1: float = 1e-4,
     patience: int = 1,
 ):
@@ -67,8 +73,8 @@ def _newton_dual_ascent(
     ftol = 0.1 * math.sqrt(fin)
     m = x[1].shape[-1]
     ones = torch.full((m, m), 1.0 / m, dtype=obj.dtype, device=obj.device)
-    eye = torch.eye(m, dtype=obj.dtype, device=obj.device)
     it, nevals = 0, 1
+    mu = torch.full_like(obj, _RIDGE)  # Levenberg-Marquardt damping per problem
     while it < max_iter and not bool(done.all()):
         it += 1
         ga, gb = grad
@@ -82,7 +88,7 @@ def _newton_dual_ascent(
         rhs = gamma * gb - buf[..., m * m:]
         scale = torch.diagonal(lap, dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)[..., None, None]
         rhs = rhs - rhs.mean(-1, keepdim=True)
-        H = lap + scale * (ones + _RIDGE * eye)
+        H = lap + scale * ones + mu[..., None, None] * torch.diag_embed(cnt.clamp_min(1))
         db = torch.linalg.solve(H, rhs.unsqueeze(-1)).squeeze(-1)
         da = u - rinv * (M @ db.unsqueeze(-1)).squeeze(-1)
         live = ~done
@@ -97,7 +103,9 @@ def _newton_dual_ascent(
         t = torch.ones_like(obj)
         acc = done.clone()
         nx, no, ng, nr, nM, nc = list(x), obj, list(grad), res, M, cnt
-        for ls in range(max_ls):
+        # the first step from the start may need deep backtracking (a far start, empty
+        # experts); later, a step rejected 8 times over is a kink: stop rather than search
+        for _ in range(max_ls if it == 1 else max_ls_later):
             xt = [x[0] + t.unsqueeze(-1) * da, x[1] + t.unsqueeze(-1) * db]
             o, g, rs, Wt, ct = evaluate(xt)
             nevals += 1
@@ -108,17 +116,17 @@ def _newton_dual_ascent(
             acc |= ok
             if bool(acc.all()):
                 break
-            # first retry just short of the full step: a full Newton step that lands exactly
-            # on a tie at an expert's capacity boundary (the active set then flips) would
-            # otherwise converge only linearly by halving; then plain halving
-            t = torch.where(acc, t, torch.full_like(t, 1 - 2.0 ** -6 if ls == 0 else 0.5 ** ls))
+            t = torch.where(acc, t, t / 2)
         failed = ~acc  # no acceptable step: a kink the direction cannot pass
+        mu = torch.where(t == 1, (mu / 4).clamp_min(1e-6), (mu * 4).clamp_max(1.0))
         better = (nr < 0.5 * best) | (no > best_obj + ftol * (best_obj.abs() + 1))
         x, obj, grad, res, M, cnt = nx, no, ng, nr, nM, nc
         best = torch.where(better, torch.minimum(res, best), best)
         best_obj = torch.where(better, torch.maximum(obj, best_obj), best_obj)
         idle = torch.where(better, torch.zeros_like(idle), idle + 1)
-        stop = ~done & (failed | (idle >= patience))
+        # close to the tolerance one idle step marks the kink floor; far from it, a few
+        near = res < 10 * tol
+        stop = ~done & (failed | (idle >= torch.where(near, patience, 3 * patience)))
         stalled |= stop & ~(res < tol)
         done |= (res < tol) | stop
     return x, it, nevals, stalled
