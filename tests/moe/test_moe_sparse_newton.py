@@ -89,7 +89,11 @@ def test_warm_started_router_runs_newton_with_capacity_and_batch_invariance():
     assert (d.tokens_per_expert <= d.capacity).all() and d.solver.info["nnz_col_max"] <= d.capacity
     assert d.overflow == 0  # the column cap holds by construction
     cold = ot_router(second, 1, method="sparse_ot", capacity_factor=1.0, group_size=128)
-    assert d.solver.iterations < cold.solver.iterations
+    assert cold.solver.info["solver"] == "newton" and d.solver.iterations < cold.solver.iterations
+    # a tight tolerance ("auto") is never worse than Newton alone on the same problem
+    tight = ot_router(second[:128], 1, method="sparse_ot", capacity_factor=1.0, tol=1e-9)
+    alone = ot_router(second[:128], 1, method="sparse_ot", capacity_factor=1.0, tol=1e-9, solver="newton")
+    assert tight.solver.residual <= alone.solver.residual
     for i in range(4):  # one group alone = the same group in the batch
         alone = ot_router(second[i * 128:(i + 1) * 128], 1, method="sparse_ot", capacity_factor=1.0,
                           init=(None, prev.solver.g[i:i + 1]))
