@@ -264,12 +264,11 @@ def ot_router(
       (the paper's MoE constraint: a column cap). ``gamma`` (default 0.1) is per token:
       the solver gets ``gamma · n`` so that the regularisation acts on each token's
       distribution over experts independently of the group size. Defaults
-      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10). At routing
-      tolerances (``tol ≥ 1e-6``) the solve is semi-smooth Newton alone
-      (``solver="newton"``: a few steps from the layer's warm start, stopping at the capped
-      dual's kink floor — the plan still respects the capacity by construction); a
-      tighter ``tol`` uses ``solver="auto"`` (L-BFGS too where Newton stalls). Pass
-      ``solver=`` to override.
+      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10). The solver
+      is ``sparse_ot_plan``'s ``"auto"``: semi-smooth Newton, a few steps from the layer's
+      warm start, stopping at the capped dual's kink floor when the capacity binds (the
+      plan still respects it by construction), with L-BFGS as well where Newton stalls
+      far from ``tol``. Pass ``solver=`` to override.
     ``gate``: ``"softmax"`` (router probabilities, differentiable), ``"sigmoid"``
     (Megatron's k = 1 Sinkhorn gate), or ``"plan"`` (``n·T_ij``, no gradient).
     """
@@ -296,10 +295,6 @@ def ot_router(
             gamma = kw.pop("gamma", 0.1) * n_group
             kw.setdefault("max_iter", 100)
             kw.setdefault("tol", 1e-3)
-            # at routing tolerances semi-smooth Newton alone: a few steps (from the previous
-            # micro-step's potentials when warm-started), stopping at the capped dual's kink
-            # floor; a tight tolerance also tries L-BFGS where Newton stalls ("auto")
-            kw.setdefault("solver", "newton" if kw["tol"] >= 1e-6 else "auto")
             res = sparse_ot_plan(scores=L, gamma=gamma, max_nz_col=cap if cap < n_group else None,
                                  comm=scope_comm, dtype=dtype, **kw)
         else:
