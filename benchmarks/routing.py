@@ -5,6 +5,7 @@
 
     python benchmarks/routing.py [--tokens 4096] [--experts 8 64] [--k 1] [--cf 1.25]
                                  [--eps 1.0] [--rounds 15] [--warmup 5] [--threads 1]
+                                 [--only sparse_ot ...]
 
 Every call routes a *fresh* draw of token logits from one router distribution (Gaussian
 plus a per-expert bias: a skewed router, as early in training, so top-k is unbalanced),
@@ -15,11 +16,12 @@ alone (cost → plan, no dispatch, gates or losses): the like-for-like row for P
 timing; then ``--rounds`` rounds run every method once each, in the same order (A B C
 ... A B C ..., interleaved so machine noise hits all alike); medians are reported with
 the ratio to top-k of the same rounds. ``it`` = median solver iterations per call in
-steady state (SNS: warm-up + Newton; sparse OT: L-BFGS; POT: its count). Load balance:
+steady state (SNS: warm-up + Newton; sparse OT: semi-smooth Newton steps; POT: its count). Load balance:
 max/mean tokens per expert kept after capacity ``ceil(cf·n·k/m)`` and the share of
 tokens dropped. OT solves use fp32 and the router defaults (Sinkhorn/SNS ``tol=1e-4``
 on the L1 marginal residual, ``eps`` from ``--eps``; sparse OT ``gamma=0.1`` per token,
-``tol=1e-3``, at most 100 L-BFGS iterations). POT runs on the same cost in float64
+``tol=1e-3``, at most 100 Newton steps; it stops earlier at the capped dual's kink floor
+when the capacity binds, as at E = 64). POT runs on the same cost in float64
 numpy at the same ``stopThr=1e-4`` (its default method checks the error every 10
 iterations, so it may run a few more).
 """
@@ -83,6 +85,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (warm starts settle)")
     ap.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn / SNS / POT tolerance")
+    ap.add_argument("--only", nargs="+", default=None, metavar="METHOD",
+                    help="run only these rows (e.g. topk sparse_ot; topk and 'POT default' are always kept as baselines)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (1: stable timings on shared CPUs; 0: torch default)")
     args = ap.parse_args()
@@ -133,6 +137,9 @@ def main() -> None:
                 return run
 
             methods += [Method("POT default", pot("sinkhorn")), Method("POT log", pot("sinkhorn_log"))]
+        if args.only:
+            keep = set(args.only) | {"topk", "POT default"}
+            methods = [mt for mt in methods if mt.name in keep]
         for r in range(args.warmup + args.rounds):
             logits = torch.randn(n, m, generator=gen) + bias
             for meth in methods:

@@ -264,7 +264,11 @@ def ot_router(
       (the paper's MoE constraint: a column cap). ``gamma`` (default 0.1) is per token:
       the solver gets ``gamma · n`` so that the regularisation acts on each token's
       distribution over experts independently of the group size. Defaults
-      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10).
+      ``max_iter=100, tol=1e-3``; the router truncates rows to k (spec §10). The solver
+      is ``sparse_ot_plan``'s ``"auto"``: semi-smooth Newton, a few steps from the layer's
+      warm start, stopping at the capped dual's kink floor when the capacity binds (the
+      plan still respects it by construction), with L-BFGS as well where Newton stalls
+      far from ``tol``. Pass ``solver=`` to override.
     ``gate``: ``"softmax"`` (router probabilities, differentiable), ``"sigmoid"``
     (Megatron's k = 1 Sinkhorn gate), or ``"plan"`` (``n·T_ij``, no gradient).
     """
