@@ -17,7 +17,12 @@ from distreg.moe.ot_select import (
     _topk_rows,
     sparse_simplex_projection,
 )
+from distreg.moe.sparse_candidates import candidate_newton
 from distreg.moe.sparse_newton import _newton_dual_ascent
+
+# candidate experts per token of the local-scope Newton (`sparse_candidates`): the routing
+# plan has a few positive entries per token; a wider support is found by the dense check
+_CANDIDATES = 8
 
 
 # ----------------------------------------------------------------------------- sparse OT
@@ -110,6 +115,7 @@ def sparse_ot_plan(
         raise ValueError(f"unknown formulation {formulation!r}")
     if col_select not in ("radix", "gather"):
         raise ValueError(f"col_select: expected 'radix' or 'gather', got {col_select!r}")
+    info_extra: dict[str, Any] = {}
     kc = None if max_nz_col is None or max_nz_col >= N else int(max_nz_col)
     kr = None if max_nz_row is None or max_nz_row >= m else int(max_nz_row)
     truncate_rows = kc is not None and kr is not None
@@ -123,14 +129,20 @@ def sparse_ot_plan(
         """Inverse-curvature estimate γ / #active entries (L-BFGS initial Hessian)."""
         return gamma / count.clamp_min(1)
 
+    candidates = None  # [..., n, c] experts per token for the candidate Newton (local scope)
+
     def row_fit(beta):
         """α with every row's unconstrained plan [α_i + β_j − C_ij]₊/γ summing to a_i: the
         exact row block-maximiser for the given β, a far better start than α = 0. The
         simplex threshold needs each row's support only: from its top 8 values when the
         support is smaller than that (the usual routing case), else from a full sort."""
         U = (beta.unsqueeze(-2) - C) / (gamma * a.unsqueeze(-1))
-        kk = min(m, 8)
-        top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
+        nonlocal candidates
+        kk = min(m, _CANDIDATES)
+        if kk < m:
+            top, candidates = torch.topk(U, kk, dim=-1)
+        else:
+            top = torch.sort(U, dim=-1, descending=True).values
         theta = _simplex_theta(top, -1)
         if kk < m and bool((top[..., -1:] > theta).any()):  # a support of kk or more: sort all
             theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
@@ -226,11 +238,19 @@ def sparse_ot_plan(
             x0, sharded = [torch.zeros_like(b)], [False]
 
     if newton:
-        x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+        # local scope with more experts than candidates: Newton on each token's candidate
+        # experts, verified on the dense matrix (`sparse_candidates`); else dense Newton
+        sparse = candidates is not None and not scope.glob
+        if sparse:
+            x, it, nevals, stalled, GT, final, expansions = candidate_newton(
+                C, a, b, x0, candidates, scope, gamma, kc, max_iter, tol)
+        else:
+            x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+            GT = None
         used = "newton"
         need = stalled
         if solver == "auto" and bool(stalled.any()):
-            on, _, rn, _, _ = evaluate_newton(x)
+            on, rn = final if sparse else evaluate_newton(x)[0:3:2]
             need = stalled & (rn >= 10 * tol)
         if solver == "auto" and bool(need.any()):
             # Newton stopped far from the tolerance where the capped conjugate's kinks leave
@@ -244,16 +264,20 @@ def sparse_ot_plan(
             ol, _, rl, _, _ = evaluate_newton(xl)
             noise = 8 * torch.finfo(on.dtype).eps * (on.abs() + 1)
             take = need & ((ol > on + noise) | ((ol >= on - noise) & (rl < rn)))
-            T = torch.where(take[..., None, None], plan_of(xl), positive_part(x)[0] / gamma)
+            GT = positive_part(x)[0] if GT is None else GT
+            T = torch.where(take[..., None, None], plan_of(xl), GT / gamma)
             x = [torch.where(take.unsqueeze(-1), u, v) for u, v in zip(xl, x)]
             stalled = torch.where(take, stalled_l, stalled)
             it, nevals, used = it + it2, nevals + nev2 + 2, "newton+lbfgs"
         else:
-            T = positive_part(x)[0] / gamma
+            T = (positive_part(x)[0] if GT is None else GT) / gamma
+        if sparse:
+            info_extra = {"candidates": candidates.shape[-1], "candidate_expansions": expansions}
     else:
         x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
         T, used = plan_of(x), "lbfgs"
     info: dict[str, Any] = {"evaluations": nevals, "stalled": stalled, "formulation": formulation, "solver": used}
+    info.update(info_extra)
     if truncate_rows:
         before = T.sum()
         T = T * _topk_rows(T, kr)[0]
