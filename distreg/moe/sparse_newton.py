@@ -88,11 +88,8 @@ def _newton_dual_ascent(
             Mt = M.transpose(-1, -2)
             lap_tok = (Mt * rinv.unsqueeze(-2)) @ M  # [..., m, m] = Mᵀ diag(1/r) M (this rank's tokens)
             q = (Mt @ u.unsqueeze(-1)).squeeze(-1)  # Mᵀ u
-        else:  # candidate entries: Mᵀ diag(1/r) M = AᵀA, A = diag(1/√r) M, one dense product
-            A = torch.zeros((*M.shape[:-1], m), dtype=M.dtype, device=M.device)
-            A = A.scatter_(-1, J, M * rinv.sqrt().unsqueeze(-1))
-            lap_tok = A.transpose(-1, -2) @ A
-            q = torch.zeros_like(x[1]).scatter_add_(-1, J.flatten(-2), (M * u.unsqueeze(-1)).flatten(-2))
+        else:
+            lap_tok, q = _candidate_laplacian(M, J, rinv, u, m)
         buf = scope.sum_(torch.cat([lap_tok.flatten(-2), q], -1))
         lap = torch.diag_embed(cnt.clamp_min(1)) - buf[..., : m * m].unflatten(-1, (m, m))
         rhs = gamma * gb - buf[..., m * m:]
@@ -144,6 +141,28 @@ def _newton_dual_ascent(
         stalled |= stop & ~(res < tol)
         done |= (res < tol) | stop
     return x, it, nevals, stalled
+
+
+def _candidate_laplacian(M: Tensor, J: Tensor, rinv: Tensor, u: Tensor, m: int):
+    """``Mᵀ diag(1/r) M`` and ``Mᵀ u`` for an active set over candidate entries (``M``
+    [..., n, c] 0/1 at experts ``J``). Diagonal: a per-expert sum; off-diagonal: only
+    tokens with two or more active experts (a few percent when routing) contribute their
+    slot pairs, so no ``[n, m]`` matrix is formed."""
+    batch, (n, c) = M.shape[:-2], M.shape[-2:]
+    Jf = J.flatten(-2)
+    diag = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(
+        -1, Jf, (M * rinv.unsqueeze(-1)).flatten(-2))
+    q = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(-1, Jf, (M * u.unsqueeze(-1)).flatten(-2))
+    lap = torch.diag_embed(diag)
+    rows = (M.reshape(-1, c).sum(-1) >= 2).nonzero().squeeze(-1)  # over the batch's tokens
+    if rows.numel():
+        Ms, Js = M.reshape(-1, c)[rows], J.reshape(-1, c)[rows]
+        off = 1 - torch.eye(c, dtype=M.dtype, device=M.device)
+        w = Ms.unsqueeze(-1) * Ms.unsqueeze(-2) * off * rinv.reshape(-1)[rows][:, None, None]
+        at = (rows // n)[:, None, None] * (m * m) + Js.unsqueeze(-1) * m + Js.unsqueeze(-2)
+        lap = lap + torch.zeros(math.prod(batch) * m * m, dtype=M.dtype, device=M.device).scatter_add_(
+            0, at.flatten(), w.flatten()).view(*batch, m, m)
+    return lap, q
 
 
 def _pick(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:

@@ -17,11 +17,14 @@ from distreg.moe.ot_select import (
     _topk_rows,
     sparse_simplex_projection,
 )
-from distreg.moe.sparse_candidates import candidate_newton
+from distreg.moe.sparse_candidates import candidate_newton, threshold_candidates
 from distreg.moe.sparse_newton import _newton_dual_ascent
 
-# candidate experts per token of the local-scope Newton (`sparse_candidates`): the routing
-# plan has a few positive entries per token; a wider support is found by the dense check
+# candidate experts per token of the local-scope Newton (`sparse_candidates`): its
+# _CANDIDATES largest β_j − C_ij under the warm start. The routing plan has a few positive
+# entries per token, and a wider support is found by the dense check; fewer candidates
+# (a margin around each token's best expert) leave tokens next to a full expert without
+# the alternatives the capped optimum reroutes them to, and Newton stalls there
 _CANDIDATES = 8
 
 
@@ -129,7 +132,7 @@ def sparse_ot_plan(
         """Inverse-curvature estimate γ / #active entries (L-BFGS initial Hessian)."""
         return gamma / count.clamp_min(1)
 
-    candidates = None  # [..., n, c] experts per token for the candidate Newton (local scope)
+    candidates = None  # (J, valid) [..., n, c]: experts per token for the candidate Newton
 
     def row_fit(beta):
         """α with every row's unconstrained plan [α_i + β_j − C_ij]₊/γ summing to a_i: the
@@ -138,11 +141,15 @@ def sparse_ot_plan(
         support is smaller than that (the usual routing case), else from a full sort."""
         U = (beta.unsqueeze(-2) - C) / (gamma * a.unsqueeze(-1))
         nonlocal candidates
-        kk = min(m, _CANDIDATES)
-        if kk < m:
-            top, candidates = torch.topk(U, kk, dim=-1)
-        else:
-            top = torch.sort(U, dim=-1, descending=True).values
+        if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
+            top, J = torch.topk(U, _CANDIDATES, dim=-1)  # is usually far smaller (else: full sort)
+            candidates = (J, torch.ones_like(J, dtype=torch.bool))
+            theta = _simplex_theta(top, -1)
+            if bool((top[..., -1:] > theta).any()):
+                theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
+            return -gamma * a * theta.squeeze(-1)
+        kk = min(m, 8)
+        top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
         theta = _simplex_theta(top, -1)
         if kk < m and bool((top[..., -1:] > theta).any()):  # a support of kk or more: sort all
             theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
@@ -153,6 +160,9 @@ def sparse_ot_plan(
     if solver == "newton" and (formulation != "dual" or axis == "row"):
         raise ValueError("solver='newton' solves the dual with a column cap or none; use solver='lbfgs'")
     newton = solver != "lbfgs" and formulation == "dual" and axis != "row"
+    # local scope with many experts: Newton on each token's candidate experts, verified on
+    # the dense matrix (`sparse_candidates`); otherwise (and in global scope) dense Newton
+    use_candidates = newton and not scope.glob and m > 2 * _CANDIDATES
     if formulation == "dual":
 
         def plan_of(x):
@@ -238,12 +248,10 @@ def sparse_ot_plan(
             x0, sharded = [torch.zeros_like(b)], [False]
 
     if newton:
-        # local scope with more experts than candidates: Newton on each token's candidate
-        # experts, verified on the dense matrix (`sparse_candidates`); else dense Newton
-        sparse = candidates is not None and not scope.glob
+        sparse = candidates is not None
         if sparse:
             x, it, nevals, stalled, GT, final, expansions = candidate_newton(
-                C, a, b, x0, candidates, scope, gamma, kc, max_iter, tol)
+                C, a, b, x0, *candidates, scope, gamma, kc, max_iter, tol)
         else:
             x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
             GT = None
@@ -272,7 +280,7 @@ def sparse_ot_plan(
         else:
             T = (positive_part(x)[0] if GT is None else GT) / gamma
         if sparse:
-            info_extra = {"candidates": candidates.shape[-1], "candidate_expansions": expansions}
+            info_extra = {"candidates": candidates[0].shape[-1], "candidate_expansions": expansions}
     else:
         x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
         T, used = plan_of(x), "lbfgs"
