@@ -28,6 +28,10 @@ from torch import Tensor
 from distreg.moe.sparse_newton import _newton_dual_ascent
 
 
+# Newton steps of a round on a partial candidate set (a warm start needs ~5, a cold one ~12)
+_ROUND_STEPS = 20
+
+
 def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | None = None):
     """Per row of ``U [..., n, m]`` the entries ``>= min(max_row − delta, floor)`` as
     ``(J [..., n, width] experts, valid [..., n, width])``, padded slots ``valid=False``
@@ -120,8 +124,9 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
                      gamma: float, kc: int | None, max_iter: int, tol: float):
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
     +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
-    positive entry lies outside them: first to twice the width with every positive and
-    a wider margin, then to all experts. Returns ``(x, iterations, evaluations, stalled,
+    positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
+    on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
+    ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
     γT dense, (objective, residual) at x, expansions)``."""
     m = C.shape[-1]
     batch = C.shape[:-2]
@@ -145,19 +150,29 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
             obj = loc_obj + (x_[1] * b).sum(-1)
             return obj, [ga, gb], ga.abs().sum(-1) + gb.abs().sum(-1), W, cnt
 
-        xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, max_iter - it, tol, J=J, frozen=frozen)
+        # on a partial set, a bounded round: a restricted problem can be infeasible (an
+        # expert no candidate reaches), and Newton then ascends along it without end
+        budget = max_iter - it if J.shape[-1] >= m else min(max_iter - it, _ROUND_STEPS)
+        xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, frozen=frozen)
         it, nevals = it + its, nevals + nev
         stalled = torch.where(frozen, stalled, st)
         x = xs
         # one dense pass: a positive X outside the candidates means the set was too small
         X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
         missed = ((X > 0).sum(-1) != (reduced(x) > 0).sum(-1)).any(-1)
-        if J.shape[-1] >= m or not bool(missed.any()) or it >= max_iter:
-            obj, _, res, _, _ = evaluate(x)
+        obj, _, res, _, _ = evaluate(x)
+        # a stall or an unfinished round far from tol may be the candidates' doing too (a
+        # token without the alternative the optimum reroutes it to): solved again, from x0
+        lost = ~frozen & (res >= 10 * tol)
+        grow = missed | lost
+        if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
             GT = densify(candidate_positive_topk(reduced(x), J, kc, m, col)[0], J, m)
             return x, it, nevals + 1, stalled, GT, (obj, res), expansions
         expansions += 1
-        frozen = ~missed
+        frozen = ~grow
+        if bool(lost.any()):
+            x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
+            X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
         width = 2 * J.shape[-1]
         if width >= m or expansions > 1:
             J = torch.arange(m, device=C.device).expand(X.shape).contiguous()
