@@ -142,13 +142,20 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         def reduced(x_):
             return x_[0].unsqueeze(-1) + x_[1].gather(-1, Jf).view_as(J) - Cc
 
+        last: dict = {}  # the latest evaluation: Newton ends on an evaluated point
+
         def evaluate(x_):
-            GT, W, cnt = candidate_positive_topk(reduced(x_), J, kc, m, col)
+            if last.get("x") is not None and all(u is v for u, v in zip(last["x"], x_)):
+                return last["out"]
+            Xc = reduced(x_)
+            GT, W, cnt = candidate_positive_topk(Xc, J, kc, m, col)
             ga = a - GT.sum(-1) / gamma
             loc_obj = (x_[0] * a).sum(-1) - (0.5 / gamma) * (GT * GT).sum((-2, -1))
             gb = b - column_sums(GT, J, m) / gamma
             obj = loc_obj + (x_[1] * b).sum(-1)
-            return obj, [ga, gb], ga.abs().sum(-1) + gb.abs().sum(-1), W, cnt
+            out = obj, [ga, gb], ga.abs().sum(-1) + gb.abs().sum(-1), W, cnt
+            last.update(x=list(x_), out=out, Xc=Xc, GT=GT)
+            return out
 
         # on a partial set, a bounded round: a restricted problem can be infeasible (an
         # expert no candidate reaches), and Newton then ascends along it without end
@@ -159,15 +166,14 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         x = xs
         # one dense pass: a positive X outside the candidates means the set was too small
         X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
-        missed = ((X > 0).sum(-1) != (reduced(x) > 0).sum(-1)).any(-1)
         obj, _, res, _, _ = evaluate(x)
+        missed = ((X > 0).sum(-1) != (last["Xc"] > 0).sum(-1)).any(-1)
         # a stall or an unfinished round far from tol may be the candidates' doing too (a
         # token without the alternative the optimum reroutes it to): solved again, from x0
         lost = ~frozen & (res >= 10 * tol)
         grow = missed | lost
         if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
-            GT = densify(candidate_positive_topk(reduced(x), J, kc, m, col)[0], J, m)
-            return x, it, nevals + 1, stalled, GT, (obj, res), expansions
+            return x, it, nevals, stalled, densify(last["GT"], J, m), (obj, res), expansions
         expansions += 1
         frozen = ~grow
         if bool(lost.any()):
