@@ -13,9 +13,13 @@ row has a positive entry outside its candidates, the dense positive set *is* the
 positive set, so the dense column top-k selects the same entries (same values, same
 canonical tie rule: see :func:`candidate_positive_topk`) and the dense plan equals the
 candidate plan. A problem whose check fails is solved again from its candidate optimum
-with twice as many candidates (the top ``2c`` of its current ``X`` per row), until it
-passes (at ``c = m`` it is the dense problem and passes by construction). Problems of a
-batch are verified and expanded independently (a batch gives each problem its result
+on a wider set (``2c`` slots: every positive entry and those within ``2γa_i`` below
+zero), then on all ``m`` experts, where it is the dense problem and passes by
+construction. A restricted problem can also be infeasible (an expert no candidate
+reaches: Newton then ascends along it without end), so a round on a partial set is
+bounded (`_ROUND_STEPS`) and a problem ending it at ``>= 10·tol`` is solved again from
+the warm start on the wider set. Problems of a batch are verified and expanded
+independently, with fixed widths (a batch gives each problem its result
 alone); local scope only (global scope keeps the dense Newton of ``sparse_ot_plan``).
 """
 from __future__ import annotations
@@ -38,7 +42,7 @@ def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | No
     (expert 0; callers make them inert). Rows with more than ``width`` such entries keep
     their ``width`` largest (an exact top-k on those rows only). A row's set depends on
     that row alone, and the width is fixed: a problem gets the same candidates alone or
-    in a batch. Much cheaper than a top-k over every row on CPU (~5×)."""
+    in a batch. Used for the widening step (the first set is each token's top 8)."""
     m = U.shape[-1]
     flat = U.reshape(-1, m)
     lim = flat.amax(-1, keepdim=True) - delta
