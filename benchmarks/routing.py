@@ -16,7 +16,8 @@ alone (cost → plan, no dispatch, gates or losses): the like-for-like row for P
 timing; then ``--rounds`` rounds run every method once each, in the same order (A B C
 ... A B C ..., interleaved so machine noise hits all alike); medians are reported with
 the ratio to top-k of the same rounds. ``it`` = median solver iterations per call in
-steady state (SNS: warm-up + Newton; sparse OT: semi-smooth Newton steps; POT: its count). Load balance:
+steady state (SNS: warm-up + Newton; sparse OT: semi-smooth Newton steps, at E > 16 on each
+token's 8 best experts with one dense check, `distreg/moe/sparse_candidates.py`; POT: its count). Load balance:
 max/mean tokens per expert kept after capacity ``ceil(cf·n·k/m)`` and the share of
 tokens dropped. OT solves use fp32 and the router defaults (Sinkhorn/SNS ``tol=1e-4``
 on the L1 marginal residual, ``eps`` from ``--eps``; sparse OT ``gamma=0.1`` per token,

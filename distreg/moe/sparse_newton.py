@@ -57,16 +57,20 @@ def _newton_dual_ascent(
     max_ls_later: int = 8,
     c1: float = 1e-4,
     patience: int = 1,
+    J: Tensor | None = None,
+    frozen: Tensor | None = None,
 ):
     """Maximise the dual over ``x = [α (this rank's tokens), β (replicated)]``.
 
     ``evaluate(x)`` returns replicated ``(objective [...], [g_α, g_β], residual [...],
     active set W [..., n, m] as 0/1 floats (this rank's tokens), active entries per
-    column c [..., m])``.
+    column c [..., m])``. With ``J [..., n, c]`` (expert of each candidate entry, see
+    `distreg.moe.sparse_candidates`) W is ``[..., n, c]`` over the candidates instead.
+    ``frozen [...]``: problems left as they are (already solved).
     Returns ``(x, iterations, evaluations, stalled [...])``."""
     obj, grad, res, M, cnt = evaluate(x)
     fin = torch.finfo(obj.dtype).eps
-    done = res < tol
+    done = res < tol if frozen is None else (res < tol) | frozen
     stalled = torch.zeros_like(done)
     best, best_obj = res.clone(), obj.clone()
     idle = torch.zeros_like(res, dtype=torch.int64)
@@ -80,9 +84,12 @@ def _newton_dual_ascent(
         ga, gb = grad
         rinv = 1.0 / M.sum(-1).clamp_min(1)  # [..., n] curvature 1 for tokens with no active entry
         u = gamma * ga * rinv
-        Mt = M.transpose(-1, -2)
-        lap_tok = (Mt * rinv.unsqueeze(-2)) @ M  # [..., m, m] = Mᵀ diag(1/r) M (this rank's tokens)
-        q = (Mt @ u.unsqueeze(-1)).squeeze(-1)  # Mᵀ u
+        if J is None:
+            Mt = M.transpose(-1, -2)
+            lap_tok = (Mt * rinv.unsqueeze(-2)) @ M  # [..., m, m] = Mᵀ diag(1/r) M (this rank's tokens)
+            q = (Mt @ u.unsqueeze(-1)).squeeze(-1)  # Mᵀ u
+        else:
+            lap_tok, q = _candidate_laplacian(M, J, rinv, u, m)
         buf = scope.sum_(torch.cat([lap_tok.flatten(-2), q], -1))
         lap = torch.diag_embed(cnt.clamp_min(1)) - buf[..., : m * m].unflatten(-1, (m, m))
         rhs = gamma * gb - buf[..., m * m:]
@@ -90,7 +97,11 @@ def _newton_dual_ascent(
         rhs = rhs - rhs.mean(-1, keepdim=True)
         H = lap + scale * ones + mu[..., None, None] * torch.diag_embed(cnt.clamp_min(1))
         db = torch.linalg.solve(H, rhs.unsqueeze(-1)).squeeze(-1)
-        da = u - rinv * (M @ db.unsqueeze(-1)).squeeze(-1)
+        if J is None:
+            Mdb = (M @ db.unsqueeze(-1)).squeeze(-1)
+        else:
+            Mdb = (M * db.gather(-1, J.flatten(-2)).view_as(M)).sum(-1)
+        da = u - rinv * Mdb
         live = ~done
         da, db = _pick(live, da, torch.zeros_like(da)), _pick(live, db, torch.zeros_like(db))
         slope = scope.sum_((ga * da).sum(-1).clone()) + (gb * db).sum(-1)
@@ -130,6 +141,28 @@ def _newton_dual_ascent(
         stalled |= stop & ~(res < tol)
         done |= (res < tol) | stop
     return x, it, nevals, stalled
+
+
+def _candidate_laplacian(M: Tensor, J: Tensor, rinv: Tensor, u: Tensor, m: int):
+    """``Mᵀ diag(1/r) M`` and ``Mᵀ u`` for an active set over candidate entries (``M``
+    [..., n, c] 0/1 at experts ``J``). Diagonal: a per-expert sum; off-diagonal: only
+    tokens with two or more active experts (a few percent when routing) contribute their
+    slot pairs, so no ``[n, m]`` matrix is formed."""
+    batch, (n, c) = M.shape[:-2], M.shape[-2:]
+    Jf = J.flatten(-2)
+    diag = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(
+        -1, Jf, (M * rinv.unsqueeze(-1)).flatten(-2))
+    q = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(-1, Jf, (M * u.unsqueeze(-1)).flatten(-2))
+    lap = torch.diag_embed(diag)
+    rows = (M.reshape(-1, c).sum(-1) >= 2).nonzero().squeeze(-1)  # over the batch's tokens
+    if rows.numel():
+        Ms, Js = M.reshape(-1, c)[rows], J.reshape(-1, c)[rows]
+        off = 1 - torch.eye(c, dtype=M.dtype, device=M.device)
+        w = Ms.unsqueeze(-1) * Ms.unsqueeze(-2) * off * rinv.reshape(-1)[rows][:, None, None]
+        at = (rows // n)[:, None, None] * (m * m) + Js.unsqueeze(-1) * m + Js.unsqueeze(-2)
+        lap = lap + torch.zeros(math.prod(batch) * m * m, dtype=M.dtype, device=M.device).scatter_add_(
+            0, at.flatten(), w.flatten()).view(*batch, m, m)
+    return lap, q
 
 
 def _pick(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:

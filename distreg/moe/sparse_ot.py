@@ -17,7 +17,15 @@ from distreg.moe.ot_select import (
     _topk_rows,
     sparse_simplex_projection,
 )
+from distreg.moe.sparse_candidates import candidate_newton, threshold_candidates
 from distreg.moe.sparse_newton import _newton_dual_ascent
+
+# candidate experts per token of the local-scope Newton (`sparse_candidates`): its
+# _CANDIDATES largest β_j − C_ij under the warm start. The routing plan has a few positive
+# entries per token, and a wider support is found by the dense check; fewer candidates
+# (a margin around each token's best expert) leave tokens next to a full expert without
+# the alternatives the capped optimum reroutes them to, and Newton stalls there
+_CANDIDATES = 8
 
 
 # ----------------------------------------------------------------------------- sparse OT
@@ -77,6 +85,10 @@ def sparse_ot_plan(
     residual ``≥ 10·tol`` L-BFGS from the standard start too, keeping per problem the
     higher dual objective (then the residual); a stall below ``10·tol`` is a binding
     capacity's kink floor and is kept. ``max_iter`` bounds each of them; ``iterations`` adds them up.
+    In local scope with more than ``2·8`` experts Newton runs on each token's 8 best
+    experts under the warm start (``[n, 8]`` tensors instead of ``[n, m]``), checked on
+    the dense matrix and widened where a positive entry lies outside: the dense
+    Newton's plan at a fraction of the cost (`distreg.moe.sparse_candidates`).
 
     Initialisation: α fits every row exactly (β = 0); the L-BFGS initial Hessian is
     ``γ / #active entries`` per variable (tokens and experts differ by ~n/m in curvature).
@@ -96,6 +108,7 @@ def sparse_ot_plan(
     the same routing layer: routing changes slowly, so far fewer iterations remain.
 
     ``info``: ``solver`` (``newton``, ``lbfgs`` or ``newton+lbfgs``), ``evaluations``,
+    ``candidates``/``candidate_expansions`` (candidate Newton only),
     ``stalled`` (per problem: stopped without progress),
     ``nnz_col_max``/``nnz_row_max``/``density`` of the plan, per-problem ``residuals``.
     """
@@ -110,6 +123,7 @@ def sparse_ot_plan(
         raise ValueError(f"unknown formulation {formulation!r}")
     if col_select not in ("radix", "gather"):
         raise ValueError(f"col_select: expected 'radix' or 'gather', got {col_select!r}")
+    info_extra: dict[str, Any] = {}
     kc = None if max_nz_col is None or max_nz_col >= N else int(max_nz_col)
     kr = None if max_nz_row is None or max_nz_row >= m else int(max_nz_row)
     truncate_rows = kc is not None and kr is not None
@@ -123,12 +137,22 @@ def sparse_ot_plan(
         """Inverse-curvature estimate γ / #active entries (L-BFGS initial Hessian)."""
         return gamma / count.clamp_min(1)
 
+    candidates = None  # (J, valid) [..., n, c]: experts per token for the candidate Newton
+
     def row_fit(beta):
         """α with every row's unconstrained plan [α_i + β_j − C_ij]₊/γ summing to a_i: the
         exact row block-maximiser for the given β, a far better start than α = 0. The
         simplex threshold needs each row's support only: from its top 8 values when the
         support is smaller than that (the usual routing case), else from a full sort."""
         U = (beta.unsqueeze(-2) - C) / (gamma * a.unsqueeze(-1))
+        nonlocal candidates
+        if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
+            top, J = torch.topk(U, _CANDIDATES, dim=-1)  # is usually far smaller (else: full sort)
+            candidates = (J, torch.ones_like(J, dtype=torch.bool))
+            theta = _simplex_theta(top, -1)
+            if bool((top[..., -1:] > theta).any()):
+                theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
+            return -gamma * a * theta.squeeze(-1)
         kk = min(m, 8)
         top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
         theta = _simplex_theta(top, -1)
@@ -141,6 +165,9 @@ def sparse_ot_plan(
     if solver == "newton" and (formulation != "dual" or axis == "row"):
         raise ValueError("solver='newton' solves the dual with a column cap or none; use solver='lbfgs'")
     newton = solver != "lbfgs" and formulation == "dual" and axis != "row"
+    # local scope with many experts: Newton on each token's candidate experts, verified on
+    # the dense matrix (`sparse_candidates`); otherwise (and in global scope) dense Newton
+    use_candidates = newton and not scope.glob and m > 2 * _CANDIDATES
     if formulation == "dual":
 
         def plan_of(x):
@@ -226,11 +253,17 @@ def sparse_ot_plan(
             x0, sharded = [torch.zeros_like(b)], [False]
 
     if newton:
-        x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+        sparse = candidates is not None
+        if sparse:
+            x, it, nevals, stalled, GT, final, expansions = candidate_newton(
+                C, a, b, x0, *candidates, scope, gamma, kc, max_iter, tol)
+        else:
+            x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+            GT = None
         used = "newton"
         need = stalled
         if solver == "auto" and bool(stalled.any()):
-            on, _, rn, _, _ = evaluate_newton(x)
+            on, rn = final if sparse else evaluate_newton(x)[0:3:2]
             need = stalled & (rn >= 10 * tol)
         if solver == "auto" and bool(need.any()):
             # Newton stopped far from the tolerance where the capped conjugate's kinks leave
@@ -244,16 +277,20 @@ def sparse_ot_plan(
             ol, _, rl, _, _ = evaluate_newton(xl)
             noise = 8 * torch.finfo(on.dtype).eps * (on.abs() + 1)
             take = need & ((ol > on + noise) | ((ol >= on - noise) & (rl < rn)))
-            T = torch.where(take[..., None, None], plan_of(xl), positive_part(x)[0] / gamma)
+            GT = positive_part(x)[0] if GT is None else GT
+            T = torch.where(take[..., None, None], plan_of(xl), GT / gamma)
             x = [torch.where(take.unsqueeze(-1), u, v) for u, v in zip(xl, x)]
             stalled = torch.where(take, stalled_l, stalled)
             it, nevals, used = it + it2, nevals + nev2 + 2, "newton+lbfgs"
         else:
-            T = positive_part(x)[0] / gamma
+            T = (positive_part(x)[0] if GT is None else GT) / gamma
+        if sparse:
+            info_extra = {"candidates": candidates[0].shape[-1], "candidate_expansions": expansions}
     else:
         x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
         T, used = plan_of(x), "lbfgs"
     info: dict[str, Any] = {"evaluations": nevals, "stalled": stalled, "formulation": formulation, "solver": used}
+    info.update(info_extra)
     if truncate_rows:
         before = T.sum()
         T = T * _topk_rows(T, kr)[0]

@@ -1,0 +1,191 @@
+"""Semi-smooth Newton for sparse OT on a per-token candidate set, verified on the dense
+matrix (active-set screening; issue 14).
+
+The optimal plan of the routing problem is sparse: a token's entry ``(i, j)`` is positive
+only where ``X_ij = α_i + β_j − C_ij > 0``, a few experts per token. Each token therefore
+keeps a candidate set of ``c`` experts (``J [..., n, c]``: its ``c`` largest ``β_j − C_ij``
+under the warm-start potentials, the order of ``X`` in its row) and the Newton solve runs on
+``[n, c]`` tensors instead of ``[n, m]`` ones: the dual restricted to the candidates, with
+the column cap (``k`` largest positives of each expert) applied among them.
+
+Exactness: at the candidate optimum one dense pass counts each row's positive ``X``. If no
+row has a positive entry outside its candidates, the dense positive set *is* the candidate
+positive set, so the dense column top-k selects the same entries (same values, same
+canonical tie rule: see :func:`candidate_positive_topk`) and the dense plan equals the
+candidate plan. A problem whose check fails is solved again from its candidate optimum
+on a wider set (``2c`` slots: every positive entry and those within ``2γa_i`` below
+zero), then on all ``m`` experts, where it is the dense problem and passes by
+construction. A restricted problem can also be infeasible (an expert no candidate
+reaches: Newton then ascends along it without end), so a round on a partial set is
+bounded (`_ROUND_STEPS`) and a problem ending it at ``>= 10·tol`` is solved again from
+the warm start on the wider set. Problems of a batch are verified and expanded
+independently, with fixed widths (a batch gives each problem its result
+alone); local scope only (global scope keeps the dense Newton of ``sparse_ot_plan``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from distreg.moe.sparse_newton import _newton_dual_ascent
+
+
+# Newton steps of a round on a partial candidate set (a warm start needs ~5, a cold one ~12)
+_ROUND_STEPS = 20
+
+
+def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | None = None):
+    """Per row of ``U [..., n, m]`` the entries ``>= min(max_row − delta, floor)`` as
+    ``(J [..., n, width] experts, valid [..., n, width])``, padded slots ``valid=False``
+    (expert 0; callers make them inert). Rows with more than ``width`` such entries keep
+    their ``width`` largest (an exact top-k on those rows only). A row's set depends on
+    that row alone, and the width is fixed: a problem gets the same candidates alone or
+    in a batch. Used for the widening step (the first set is each token's top 8)."""
+    m = U.shape[-1]
+    flat = U.reshape(-1, m)
+    lim = flat.amax(-1, keepdim=True) - delta
+    if floor is not None:
+        lim = torch.minimum(lim, floor.reshape(-1, 1))
+    mask = flat >= lim
+    cnt = mask.sum(-1)
+    over = (cnt > width).nonzero().squeeze(-1)
+    if over.numel():
+        top = torch.topk(flat[over], width, dim=-1).indices
+        mask[over] = torch.zeros((over.numel(), m), dtype=torch.bool, device=U.device).scatter_(-1, top, True)
+        cnt[over] = width
+    rows, cols = mask.nonzero(as_tuple=True)
+    slot = torch.arange(rows.numel(), device=U.device) - (cnt.cumsum(0) - cnt)[rows]
+    J = torch.zeros((flat.shape[0], width), dtype=torch.long, device=U.device).index_put_((rows, slot), cols)
+    valid = torch.zeros((flat.shape[0], width), dtype=torch.bool, device=U.device).index_put_(
+        (rows, slot), torch.ones_like(rows, dtype=torch.bool))
+    return J.view(*U.shape[:-1], width), valid.view(*U.shape[:-1], width)
+
+
+def column_sums(V: Tensor, J: Tensor, m: int) -> Tensor:
+    """Per-expert sums ``[..., m]`` of candidate values ``V [..., n, c]`` at experts ``J``."""
+    out = torch.zeros((*V.shape[:-2], m), dtype=V.dtype, device=V.device)
+    return out.scatter_add_(-1, J.flatten(-2), V.flatten(-2))
+
+
+def densify(V: Tensor, J: Tensor, m: int) -> Tensor:
+    """``[..., n, m]`` matrix with the candidate values ``V`` at ``J`` and zeros elsewhere."""
+    out = torch.zeros((*V.shape[:-1], m), dtype=V.dtype, device=V.device)
+    return out.scatter_add_(-1, J, V)  # padded slots hold 0 and may repeat an expert
+
+
+def batch_columns(J: Tensor, m: int) -> Tensor:
+    """Flat column id over the batch (``problem · m + expert``) of every candidate entry."""
+    n, c = J.shape[-2:]
+    problems = math.prod(J.shape[:-2])
+    shift = torch.arange(problems, device=J.device).unsqueeze(-1) * m
+    return (J.reshape(problems, n * c) + shift).reshape(-1)
+
+
+def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
+                            col: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """``[X]₊`` of candidate entries ``X [..., n, c]`` (expert ``J``; ``col`` =
+    :func:`batch_columns`) kept among the ``k`` largest positives of their expert column,
+    its 0/1 indicator (``X``'s dtype) and the kept count per expert ``[..., m]``.
+
+    The rule of :func:`distreg.moe.ot_select._positive_topk_weights` on the dense matrix:
+    a column with ``e`` positives beyond ``k`` drops its ``e`` smallest, exact ties
+    dropping the lower token indices first. Here only the positives of the binding
+    columns (~``n``) are sorted, by column then value (fp32: one sort of an integer key
+    ``column · 2³¹ + the value's bits``, order-preserving for positive floats; else a
+    value sort then a stable column sort), stably, so flat order = token order breaks
+    ties (a token holds an expert in one real slot; padded slots are never positive);
+    each column then drops its first ``e``."""
+    Xp = X.clamp_min(0)
+    W = Xp.sign()
+    cnt = column_sums(W, J, m)
+    if k is None:
+        return Xp, W, cnt
+    excess = (cnt - k).clamp_min(0)  # [..., m]
+    if not bool((excess > 0).any()):
+        return Xp, W, cnt
+    col = batch_columns(J, m) if col is None else col
+    ex = excess.reshape(-1)
+    pos = W.reshape(-1).nonzero().squeeze(-1)
+    pcol = col[pos]
+    binding = ex[pcol] > 0
+    sel, scol = pos[binding], pcol[binding]
+    vals = Xp.reshape(-1)[sel]
+    if vals.dtype == torch.float32:
+        order = torch.sort(scol * 2**31 + vals.view(torch.int32).long(), stable=True).indices
+    else:
+        order = torch.sort(vals, stable=True).indices
+        order = order[torch.sort(scol[order], stable=True).indices]
+    cols = scol[order]
+    count = torch.bincount(cols, minlength=ex.numel())
+    rank = torch.arange(cols.numel(), device=X.device) - (count.cumsum(0) - count)[cols]
+    keep = torch.ones_like(Xp).reshape(-1).index_fill_(0, sel[order[rank < ex[cols]]], 0).view_as(Xp)
+    return Xp * keep, W * keep, cnt - excess
+
+
+def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
+                     gamma: float, kc: int | None, max_iter: int, tol: float):
+    """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
+    +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
+    positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
+    on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
+    ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
+    γT dense, (objective, residual) at x, expansions)``."""
+    m = C.shape[-1]
+    batch = C.shape[:-2]
+    frozen = torch.zeros(batch, dtype=torch.bool, device=C.device)
+    x = x0
+    it = nevals = expansions = 0
+    stalled = torch.zeros_like(frozen)
+    while True:
+        Cc = C.gather(-1, J).masked_fill(~valid, math.inf)
+        Jf = J.flatten(-2)
+        col = batch_columns(J, m)
+
+        def reduced(x_):
+            return x_[0].unsqueeze(-1) + x_[1].gather(-1, Jf).view_as(J) - Cc
+
+        last: dict = {}  # the latest evaluation: Newton ends on an evaluated point
+
+        def evaluate(x_):
+            if last.get("x") is not None and all(u is v for u, v in zip(last["x"], x_)):
+                return last["out"]
+            Xc = reduced(x_)
+            GT, W, cnt = candidate_positive_topk(Xc, J, kc, m, col)
+            ga = a - GT.sum(-1) / gamma
+            loc_obj = (x_[0] * a).sum(-1) - (0.5 / gamma) * (GT * GT).sum((-2, -1))
+            gb = b - column_sums(GT, J, m) / gamma
+            obj = loc_obj + (x_[1] * b).sum(-1)
+            out = obj, [ga, gb], ga.abs().sum(-1) + gb.abs().sum(-1), W, cnt
+            last.update(x=list(x_), out=out, Xc=Xc, GT=GT)
+            return out
+
+        # on a partial set, a bounded round: a restricted problem can be infeasible (an
+        # expert no candidate reaches), and Newton then ascends along it without end
+        budget = max_iter - it if J.shape[-1] >= m else min(max_iter - it, _ROUND_STEPS)
+        xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, frozen=frozen)
+        it, nevals = it + its, nevals + nev
+        stalled = torch.where(frozen, stalled, st)
+        x = xs
+        # one dense pass: a positive X outside the candidates means the set was too small
+        X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+        obj, _, res, _, _ = evaluate(x)
+        missed = ((X > 0).sum(-1) != (last["Xc"] > 0).sum(-1)).any(-1)
+        # a stall or an unfinished round far from tol may be the candidates' doing too (a
+        # token without the alternative the optimum reroutes it to): solved again, from x0
+        lost = ~frozen & (res >= 10 * tol)
+        grow = missed | lost
+        if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
+            return x, it, nevals, stalled, densify(last["GT"], J, m), (obj, res), expansions
+        expansions += 1
+        frozen = ~grow
+        if bool(lost.any()):
+            x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
+            X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+        width = 2 * J.shape[-1]
+        if width >= m or expansions > 1:
+            J = torch.arange(m, device=C.device).expand(X.shape).contiguous()
+            valid = torch.ones_like(J, dtype=torch.bool)
+        else:  # every positive entry, and those within 2·γa_i below zero
+            J, valid = threshold_candidates(X, 0.0, width, floor=(-2 * gamma * a).unsqueeze(-1))
