@@ -58,6 +58,7 @@ from distreg.regularizers import (
     trp_unmatrix,
 )
 from distreg.regularizers._dist import active
+from distreg.hooks.regularizers._matrices import MatrixPlan, low_rank_terms, make_plan, orthogonality_terms
 
 
 class _ParamPenalty(ValuesHook):
@@ -104,8 +105,11 @@ class MatrixParams(SelectParams):
 
 
 class _MatrixPenalty(_ParamPenalty):
+    matrix_plan: MatrixPlan | None = None
+
     def plan(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         self.routes = plan_routes(ctx, shards, getattr(self.params, "route", "auto"))
+        self.matrix_plan = make_plan(ctx, shards, self.routes)
 
     def due(self, ctx: HookContext) -> bool:
         """Applied in the step that `ctx.step` (completed steps) starts, every `every`."""
@@ -147,35 +151,24 @@ class Orthogonality(_MatrixPenalty):
     def coef(self, step: int) -> float:
         return self.params.coef * schedule_factor(self.params.milestones, step)
 
-    def term(self, ctx: HookContext, shard: ParamShard, route: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(value, this rank's slice of d value / d W) for one matrix."""
-        p = self.params
-        dtype = F64 if p.precision == "fp64" else None
-        _, d = matrix_shape(shard)
-        if route == "gram":
-            rows = shard.data().detach().reshape(-1, d)
-            value, grad = soft_orthogonality_grad(rows, p.side, p.squared, comm=ctx.comm, gram_dtype=dtype)
-            return value, grad.reshape(-1)
-        full = gather_full(ctx, shard) if route == "gather" else shard.data().detach().reshape(-1, d)
-        if route == "gather" and dtype is None:
-            full = full.to(shard.data().dtype)
-        value, grad = soft_orthogonality_grad(full, p.side, p.squared, gram_dtype=dtype)
-        return value, local_slice(shard, grad)
-
     def after_backward(self, ctx: HookContext) -> None:
         if not self.due(ctx):
             return
+        p = self.params
         coef = self.coef(ctx.step)
-        scale = coef * self.params.every
         shards = self.shards(ctx)
-        total = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None)
-        for shard, route in zip(shards, self.routes):
-            value, grad = self.term(ctx, shard, route)
-            total += value
-            if coef:
-                add_to_grad(shard, scale * grad)
-        self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
-                       "error_mean": total / len(shards), "coef": coef}
+        # the value only on logging steps (or with every > 1, where the next logging step may
+        # not be a due step); it is free on the gram / local routes, one small all-reduce else
+        need_value = ctx.metrics_due or p.every > 1
+        values, grads = orthogonality_terms(ctx, self.matrix_plan, shards, p.side, p.squared,
+                                            F64 if p.precision == "fp64" else None, need_value)
+        if coef:
+            for shard, grad in zip(shards, grads):
+                add_to_grad(shard, (coef * p.every) * grad)
+        if values is not None and need_value:
+            total = values.sum()
+            self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
+                           "error_mean": total / len(shards), "coef": coef}
 
 
 # --------------------------------------------------------------------------- nuclear norm / TRP
@@ -244,15 +237,13 @@ class NuclearNorm(_MatrixPenalty):
         if not self.due(ctx):
             return
         coef = self.params.coef * schedule_factor(self.params.milestones, ctx.step)
-        dots, ranks = torch.zeros((), dtype=F64, device=ctx.local_shards()[0].data().device), []
-        for i, (shard, route) in enumerate(zip(self.shards(ctx), self.routes)):
-            _, sub, k = _low_rank(ctx, shard, route, 1.0, i % ctx.world_size)
-            dots += torch.dot(shard.data().detach().to(F64).reshape(-1), sub)
-            ranks.append(k)
-            if coef:
-                add_to_grad(shard, coef * self.params.every * sub)
-        value = float(ctx.sum_over_shards(dots.reshape(1)))
-        self.values = {"penalty": coef * value, "value": value, "rank_mean": sum(ranks) / len(ranks), "coef": coef}
+        shards = self.shards(ctx)
+        res = low_rank_terms(ctx, self.matrix_plan, shards, 1.0, want_proj=False, want_sub=True)
+        if coef:
+            for shard, sub in zip(shards, res.subgradient):
+                add_to_grad(shard, (coef * self.params.every) * sub)
+        value = res.sigma_sum.sum()  # sum of the singular values, on the owner ranks: no collective
+        self.values = {"penalty": coef * value, "value": value, "rank_mean": res.rank.mean(), "coef": coef}
 
 
 @register
@@ -292,11 +283,31 @@ class TrainedRankPruning(_MatrixPenalty):
         self.routes = plan_routes(ctx, shards, self.params.route)
         if self.params.kind != "NC":
             self.routes = ["local" if r == "local" else "gather" for r in self.routes]
+        else:
+            self.matrix_plan = make_plan(ctx, shards, self.routes)
         if ctx.step % self.params.period == 0 and self.pending_step != ctx.step:
             self.project(ctx, shards)
 
     @torch.no_grad()
     def project(self, ctx: HookContext, shards: list[ParamShard]) -> None:
+        p = self.params
+        if p.kind != "NC":  # conv layouts: one weight at a time
+            return self._project_conv(ctx, shards)
+        res = low_rank_terms(ctx, self.matrix_plan, shards, p.energy, want_proj=p.projection,
+                             want_sub=bool(p.nuclear_weight))
+        pending = {}
+        for shard, proj, sub in zip(shards, res.projection, res.subgradient):
+            if p.projection:
+                shard.write(proj.to(shard.data().dtype))
+            if p.nuclear_weight:
+                pending[shard.name] = sub.to(torch.float32)
+        ks, trunc = res.rank.sum(), res.sigma_sum.sum()  # device tensors, read in metrics()
+        self.pending, self.pending_step = (pending or None), ctx.step
+        self.values = {"rank_mean": ks / len(shards), "rank_ratio": ks / sum(min(m) for m in self.matrix_plan.shapes),
+                       "truncated_nuclear": trunc, "penalty": (p.nuclear_weight or 0.0) * trunc,
+                       "projected_at": float(ctx.step)}
+
+    def _project_conv(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         p = self.params
         dots, ks, max_k = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None), 0, 0
         pending = {}
