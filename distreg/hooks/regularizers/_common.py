@@ -131,10 +131,17 @@ def io_weight_names(model: nn.Module) -> set[str]:
 
 
 class EveryParams(Hook.Params):
-    """`every` for a penalty whose cost is per application, not per step."""
+    """`every` for a penalty whose cost is per application, not per step (a hook sets its
+    own documented default in `default_every`)."""
 
     every: int = Field(1, gt=0, description="apply on steps s with s % every == 0, gradient x every (the same "
                                             "mean force per step as every step)")
+
+
+def every_field(default: int, why: str):
+    """`every` with a hook's own default and the reason for it in the description."""
+    return Field(default, gt=0, description=f"apply on steps s with s % every == 0, gradient x every (the same mean "
+                                            f"force per step as every step); default {default}: {why}")
 
 
 def select_shards(ctx: HookContext, include: list[str], exclude: list[str], candidates: list[str] | None,

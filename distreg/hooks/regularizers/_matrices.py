@@ -181,14 +181,14 @@ class LowRankOut:
 
 def _factors(grams: torch.Tensor, energy: float, want_proj: bool, want_sub: bool) -> list[torch.Tensor]:
     """Per Gram of a batch [b, m, m]: packed [P (m*m) if want_proj, M (m*m) if want_sub, k, sum sigma_k]."""
-    lam, vec = torch.linalg.eigh(grams.to(F64))
+    lam, vec = torch.linalg.eigh(grams)
     lam, vec = lam.flip(-1).clamp(min=0), vec.flip(-1)
     sigma = lam.sqrt()
     m = lam.shape[-1]
     k = energy_rank(sigma, energy)
-    if m:
-        k = torch.minimum(k, (lam > m * _EPS64 * lam[..., :1]).sum(-1))  # numerical rank guard
-    keep = (torch.arange(m, device=lam.device) < k.unsqueeze(-1)).to(F64)
+    if m:  # numerical rank guard, in the Gram's precision
+        k = torch.minimum(k, (lam > m * torch.finfo(lam.dtype).eps * lam[..., :1]).sum(-1))
+    keep = (torch.arange(m, device=lam.device) < k.unsqueeze(-1)).to(lam.dtype)
     out = []
     for b in range(lam.shape[0]):
         v = vec[b]
@@ -199,7 +199,7 @@ def _factors(grams: torch.Tensor, energy: float, want_proj: bool, want_sub: bool
             inv = torch.where(keep[b] > 0, 1.0 / torch.where(keep[b] > 0, sigma[b], torch.ones_like(sigma[b])),
                               torch.zeros_like(sigma[b]))
             parts.append(((v * inv) @ v.t()).reshape(-1))
-        parts.append(torch.stack([k[b].to(F64), (sigma[b] * keep[b]).sum()]))
+        parts.append(torch.stack([k[b].to(lam.dtype), (sigma[b].to(F64) * keep[b]).sum().to(lam.dtype)]))
         out.append(torch.cat(parts))
     return out
 
@@ -207,7 +207,12 @@ def _factors(grams: torch.Tensor, energy: float, want_proj: bool, want_sub: bool
 def low_rank_terms(ctx: HookContext, plan: MatrixPlan, shards: list[ParamShard], energy: float,
                    want_proj: bool, want_sub: bool, dtype: torch.dtype = F64) -> LowRankOut:
     """Energy-threshold truncated SVD terms of every matrix (energy 1: the exact nuclear
-    subgradient over the numerically nonzero singular values), each rank its own slices."""
+    subgradient over the numerically nonzero singular values), each rank its own slices.
+    `dtype`: of the Grams, eigendecompositions and products. float64 resolves singular
+    values down to ~1e-7 sigma_max; float32 only to ~1e-2 sigma_max (the Gram squares the
+    condition number; the rank guard drops the rest): enough for TRP's energy-truncated
+    terms (sigma_k is a sizeable fraction of sigma_max), not for the full nuclear
+    subgradient U V^T."""
     local, whole = matrices(ctx, plan, shards, dtype)
     grams = iter(_fused_all_reduce(ctx, [w.t() @ w for w in local if w is not None]))
     n_mat = len(plan.shapes)
@@ -236,7 +241,7 @@ def low_rank_terms(ctx: HookContext, plan: MatrixPlan, shards: list[ParamShard],
         sizes = [_pack_size(plan, i, left, want_proj, want_sub) for i in range(n_mat)]
         numels = [[sizes[i] for i in shared if plan.owners[i] == r] for r in range(ctx.world_size)]
         pieces = _fused_all_gather(ctx, [packed[i] for i in shared if plan.owners[i] == ctx.rank] or
-                                   [torch.zeros(0, dtype=F64)], numels) if any(any(n) for n in numels) else []
+                                   [torch.zeros(0, dtype=dtype, device=shards[0].data().device)], numels) if any(any(n) for n in numels) else []
         seen = [0] * ctx.world_size
         for i in shared:
             r = plan.owners[i]
@@ -267,8 +272,8 @@ def low_rank_terms(ctx: HookContext, plan: MatrixPlan, shards: list[ParamShard],
 
         proj.append(rows_of(pm))
         sub.append(rows_of(mm))
-    return LowRankOut(proj, sub, torch.stack(ranks) if ranks else torch.zeros(0, dtype=F64),
-                      torch.stack(sums) if sums else torch.zeros(0, dtype=F64))
+    return LowRankOut(proj, sub, torch.stack(ranks).to(F64) if ranks else torch.zeros(0, dtype=F64),
+                      torch.stack(sums).to(F64) if sums else torch.zeros(0, dtype=F64))
 
 
 def _pack_size(plan: MatrixPlan, i: int, left: list[bool], want_proj: bool, want_sub: bool) -> int:

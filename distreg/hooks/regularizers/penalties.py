@@ -37,6 +37,7 @@ from distreg.hooks.regularizers._common import (
     F64,
     SelectParams,
     EveryParams,
+    every_field,
     add_to_grad,
     gather_full,
     io_weight_names,
@@ -52,7 +53,6 @@ from distreg.hooks.regularizers._common import (
 from distreg.regularizers import (
     low_rank_project,
     low_rank_project_gram,
-    soft_orthogonality_grad,
     standardized_moments,
     trp_matrix,
     trp_unmatrix,
@@ -140,6 +140,8 @@ class Orthogonality(_MatrixPenalty):
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(1e-4, ge=0, description="penalty coefficient (lambda)")
+        every: int = every_field(2, "one application costs ~0.2 of a llama-small fsdp2 x2 step (two products "
+                                    "per matrix the size of its forward at 256 tokens per rank)")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         side: Literal["auto", "rows", "cols"] = "auto"
         squared: bool = True
@@ -228,8 +230,13 @@ class NuclearNorm(_MatrixPenalty):
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(3e-4, ge=0, description="penalty coefficient (lambda)")
+        every: int = every_field(10, "an exact U V^T needs one float64 eigendecomposition per matrix; one "
+                                     "application costs ~0.8-1.3 llama-small fsdp2 x2 steps")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         route: Literal["auto", "gram", "gather"] = "auto"
+        precision: Literal["fp64", "param"] = Field("fp64", description="Gram / eigh / products in float64 (exact "
+                                                                       "U V^T), or the parameter dtype (drops "
+                                                                       "sigma < ~1e-2 sigma_max)")
 
     params: "NuclearNorm.Params"
 
@@ -238,7 +245,8 @@ class NuclearNorm(_MatrixPenalty):
             return
         coef = self.params.coef * schedule_factor(self.params.milestones, ctx.step)
         shards = self.shards(ctx)
-        res = low_rank_terms(ctx, self.matrix_plan, shards, 1.0, want_proj=False, want_sub=True)
+        dtype = F64 if self.params.precision == "fp64" else shards[0].data().dtype
+        res = low_rank_terms(ctx, self.matrix_plan, shards, 1.0, want_proj=False, want_sub=True, dtype=dtype)
         if coef:
             for shard, sub in zip(shards, res.subgradient):
                 add_to_grad(shard, (coef * self.params.every) * sub)
@@ -265,12 +273,16 @@ class TrainedRankPruning(_MatrixPenalty):
     name = "trained_rank_pruning"
 
     class Params(MatrixParams):
-        period: int = Field(1, gt=0, description="steps between projections (m)")
+        period: int = Field(5, gt=0, description="steps between projections (m); default 5 as the reference's "
+                                                  "train_TPR.sh (-dp 5; its argparse default is 1): a projection "
+                                                  "costs ~0.5 of a llama-small fsdp2 x2 step")
         energy: float = Field(0.9, gt=0, le=1, description="energy threshold e on sum sigma^2")
         projection: bool = True
         nuclear_weight: float | None = Field(None, ge=0, description="lambda of the nuclear term (None: off)")
         kind: Literal["NC", "VH", "ND"] = "NC"
         route: Literal["auto", "gram", "gather"] = "auto"
+        precision: Literal["param", "fp64"] = Field("param", description="Gram / eigh / products in the parameter "
+                                                                       "dtype, or float64 (NC kind)")
 
     params: "TrainedRankPruning.Params"
 
@@ -293,8 +305,9 @@ class TrainedRankPruning(_MatrixPenalty):
         p = self.params
         if p.kind != "NC":  # conv layouts: one weight at a time
             return self._project_conv(ctx, shards)
+        dtype = F64 if p.precision == "fp64" else shards[0].data().dtype
         res = low_rank_terms(ctx, self.matrix_plan, shards, p.energy, want_proj=p.projection,
-                             want_sub=bool(p.nuclear_weight))
+                             want_sub=bool(p.nuclear_weight), dtype=dtype)
         pending = {}
         for shard, proj, sub in zip(shards, res.projection, res.subgradient):
             if p.projection:
