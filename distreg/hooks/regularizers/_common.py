@@ -11,8 +11,9 @@ train start and identical on every rank:
   all-reduce form is used (one [D, D] float64 all-reduce per matrix, D = columns).
 - ``gather``: otherwise (a ZeRO-3 partition that cuts rows), or when the [N, D] matrix is
   smaller than its [D, D] Gram (N < D), or forced by config: the matrix's local slices are
-  all-gathered, one matrix at a time, so each rank briefly holds that one full matrix (never
-  the model); hooks needing an SVD compute it on one owner rank (round-robin) and broadcast.
+  all-gathered (the matrix penalties: all such matrices in one all-gather, `_matrices`), so
+  each rank briefly holds those full matrices (never the model); hooks needing an
+  eigendecomposition / SVD compute it on one owner rank (round-robin) and share the result.
 
 Gradient additions go through ``ParamShard.write_grad`` (the reduced local gradient: a
 view under DDP / FSDP2, DeepSpeed's fp32 gradient partition under ZeRO-3, where

@@ -19,8 +19,21 @@ clipped together with the loss gradient) -> optimizer step. TRP's projection run
 `after_step` (so before the next step's forward) and in `on_train_start` for step 0.
 Put `perp_grad` after these hooks in the hook list: hooks run in list order.
 
-Values are computed in float64 from the fp32 master shards and are identical on every
-rank; each rank gets exactly its slice of the full gradient (routes in `_common`).
+Values are identical on every rank; each rank gets exactly its slice of the full
+gradient (routes in `_common`). The three matrix penalties run on `_matrices` (one fused
+collective of each kind per application, eigendecompositions dealt over the ranks).
+Precision and default cadence, chosen from measurements (`benchmarks/regularizer_overhead.py`,
+llama-small fsdp2 x2, 256 tokens per rank: a small batch, where a whole-matrix term costs
+as much as the matrix's forward and backward):
+- orthogonality: parameter dtype, squared error summed in float64; `every` 2 (~0.2 step
+  per application);
+- nuclear_norm: float64 (U V^T over *all* nonzero singular values: the Gram squares the
+  condition number, fp32 loses every sigma below ~1e-2 sigma_max - see
+  test_low_rank_terms_param_dtype_against_the_float64_svd); `every` 10 (~1 step per
+  application, an eigendecomposition per matrix);
+- trained_rank_pruning: parameter dtype (the energy-truncated terms are well conditioned:
+  fp32 agrees with the float64 SVD to 1e-5); `period` 5 (the reference's train_TPR.sh).
+A larger batch shrinks these costs relative to the step: set `every: 1` / `period: 1` there.
 """
 from __future__ import annotations
 
@@ -127,10 +140,13 @@ class Orthogonality(_MatrixPenalty):
     one (`auto`, default). `milestones` {step: factor} gives SRIP-style piecewise-constant
     coefficient decays. Metrics: `penalty` (coef * error), `error` (sum over layers of
     ||Gram - I||^2), `error_mean` (per layer), `coef`.
-    Communication per applied step: per matrix one [D, D] all-reduce (route gram) or one
-    all-gather of the matrix (route gather); none under DDP.
-    Cost: `every: N` applies it on every N-th step with the gradient times N (the same
-    mean force, as with gradient accumulation); the embedding tables and output head are
+    Communication per applied step: one all-reduce of every row-sharded matrix's [D, D]
+    Gram (route gram), one all-gather of the other matrices' slices (route gather: each
+    rank then forms only its own rows of W W^T and of the gradient), and on logging steps
+    one all-reduce of those matrices' partial values; none under DDP.
+    Cost: `every: N` (default 2, see the module docstring) applies it on every N-th step
+    with the gradient times N (the same mean force, as with gradient accumulation); the
+    value is computed on logging steps only (every due step when N > 1); the embedding tables and output head are
     left out unless `include_io`; the Gram and the gradient (closed form 4 W (G - I), no
     autograd) are formed in the parameter's dtype (`precision: param`; the squared error
     is summed in float64) - `precision: fp64` forms them in float64, for metrics exact to
@@ -219,12 +235,15 @@ def _max_rank(shard: ParamShard, kind: str) -> int:
 @register
 class NuclearNorm(_MatrixPenalty):
     """coef * sum_layers ||W||_* (trace norm), gradient = coef * U V^T over the numerically
-    nonzero singular values (`distreg.regularizers.nuclear_subgradient`). The value is
-    <W, U V^T> (a dot product over local elements, one scalar all-reduce). Metrics:
-    `penalty`, `value` (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
-    Communication: per matrix the Gram all-reduce (+ the eigenbasis broadcast from rank 0)
-    or a gather + the owner's broadcast of U V^T. `every: N`: applied on every N-th step,
-    subgradient times N; embedding tables and output head left out unless `include_io`."""
+    nonzero singular values (`distreg.regularizers.nuclear_subgradient`), from the
+    eigendecomposition of the smaller Gram (float64 by default, `precision`). The value is
+    sum sigma_i (from the owner's eigenvalues: no collective). Metrics: `penalty`, `value`
+    (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
+    Communication per application: one all-reduce of all row-sharded matrices' Grams, one
+    all-gather of the others' slices, one all-gather of the owners' V S^-1 V^T (each matrix
+    factorised once, on its owner rank, round-robin). `every: N` (default 10, see the module
+    docstring): applied on every N-th step, subgradient times N; embedding tables and
+    output head left out unless `include_io`."""
 
     name = "nuclear_norm"
 
@@ -266,9 +285,12 @@ class TrainedRankPruning(_MatrixPenalty):
     Kinds VH / ND (conv) always take the gather route. Metrics: `rank_mean`, `rank_ratio`
     (sum k / sum max rank), `truncated_nuclear` (sum_i<=k sigma_i), `penalty`
     (nuclear_weight * truncated_nuclear), `projected_at` (last projection step).
-    Communication per projection: as `nuclear_norm` + one scalar all-reduce. `period` is
-    this hook's `every` (the projection is a weight edit, not a gradient: nothing to
-    scale); embedding tables and output head left out unless `include_io`."""
+    Communication per projection (NC): as `nuclear_norm`, the owners sending V_k V_k^T and
+    V_k S_k^-1 V_k^T; in the parameter dtype by default (`precision`). `period` is this
+    hook's `every` (default 5, the reference's train_TPR.sh `-dp 5`; its argparse default
+    is 1): the projection is a weight edit and, as in the reference, the nuclear term is
+    added on projection steps only, unscaled. Embedding tables and output head left out
+    unless `include_io`."""
 
     name = "trained_rank_pruning"
 

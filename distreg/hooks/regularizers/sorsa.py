@@ -26,14 +26,17 @@ after `after_backward`, so with `train.grad_clip` set the term is clipped with t
 gradient (identical without clipping). Gradient writes are refused under ZeRO-1/2 in mode
 `code` (mode `decoupled` writes weights and runs there too); DeepSpeed fp16 is unsupported.
 
-Communication per step (sharded strategies; none under DDP):
+Communication per step (sharded strategies; none under DDP): two collectives in all.
+- A [r, in]: FSDP2 shards it along r, so A A^T needs every row: every layer's A slice goes
+  into one all-gather (parameter dtype); each rank forms only its own rows of A A^T - I
+  (float64: near init the non-squared norm's gradient direction is set by round-off, so an
+  fp32 Gram would change it) and of the gradient, and its share of ||A A^T - I||^2.
+  (Column partial products would avoid the gather, but no strategy shards by columns.)
 - B [out, r]: whole-row blocks (FSDP2 Shard(0); aligned ZeRO-3 partitions): each rank forms
-  its r x r partial B_loc^T B_loc, one all-reduce of all layers' stacked Grams; the gradient
-  rows 2 B_loc (G - I) / ||G - I|| are local. Partitions that cut rows: gathered like A.
-- A [r, in]: FSDP2 shards it along r, so A A^T needs every row: A is all-gathered (r x in,
-  one layer at a time, float64) and each rank keeps its slice of the full gradient. (Column
-  partial products A[:, cols] A[:, cols]^T would avoid the gather, but no strategy shards by
-  columns, and ZeRO-3 partitions cut rows.)
+  its r x r partial B_loc^T B_loc; one all-reduce carries all layers' B Grams and A norm
+  shares; the gradient rows 2 B_loc (G - I) / ||G - I|| are local. Partitions that cut
+  rows: gathered with the A slices.
+No host reads: the metrics stay device tensors until a logging step reads them.
 Metrics: `reg` (L_orth), `penalty` (coefficient * L_orth), `orth_error_A` / `orth_error_B`
 (mean ||A A^T - I|| / ||B^T B - I|| over layers), `rank`, `layers`, `coef`.
 State: the adapters and residuals are model parameters (checkpointed by the strategy); the
