@@ -6,14 +6,14 @@ and mean, which includes periodic work such as `hessian_trace` every N steps).
     python benchmarks/regularizer_overhead.py [--steps 30] [--block 5]
     python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2     # 2 gloo ranks
     python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2 --preset llama-small \
-        --hooks orthogonality nuclear_norm trained_rank_pruning group_envelope sorsa --steps 20 --block 5
+        --hooks orthogonality nuclear_norm trained_rank_pruning group_envelope sorsa --steps 32 --block 4
 
 Each rank is a spawned gloo process (`distreg.testing.run_distributed`, also for one
 rank); times are rank 0's. Steps run as in `Trainer.fit` (`step_on_device`: hook metrics
 computed and read back on logging steps only, every `train.log_every` = 10). Hooks run at
-their documented defaults, including `every` / `period` (orthogonality every 2, nuclear_norm
-every 10, trained_rank_pruning period 5): the *mean* ratio is their amortised cost - use a
-`--steps` that is a multiple of 10 so each hook gets its share of applications; the median
+their documented defaults, including `every` / `period` (orthogonality every 4, nuclear_norm
+every 16, trained_rank_pruning period 8): the *mean* ratio is their amortised cost - use a
+`--steps` that is a multiple of 16 so each hook gets its share of applications; the median
 shows the steps in between. `hessian_trace` runs every `--hessian-every` steps (its cost
 per estimate is 1 + 2 m probe forwards); `distillation` runs one teacher of the student's size
 (trained one step first); `sorsa` adapts every block projection at rank 16; `sara` trains

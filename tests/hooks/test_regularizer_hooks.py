@@ -306,7 +306,7 @@ def test_low_rank_terms_param_dtype_against_the_float64_svd(world, mode):
     nuc_ref = {k: low_rank_project(w.double(), 1.0).subgradient for k, w in fulls.items()}
 
     def trp(f):
-        h = hook("trained_rank_pruning", nuclear_weight=1.0)  # defaults: period 5, precision param
+        h = hook("trained_rank_pruning", nuclear_weight=1.0)  # defaults: period 8, precision param
         h.on_train_start(f.ctx)  # projects for step 0
         h.after_backward(f.ctx)  # + 1.0 * U_k V_k^T
         return h.metrics()

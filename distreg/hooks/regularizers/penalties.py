@@ -25,14 +25,16 @@ collective of each kind per application, eigendecompositions dealt over the rank
 Precision and default cadence, chosen from measurements (`benchmarks/regularizer_overhead.py`,
 llama-small fsdp2 x2, 256 tokens per rank: a small batch, where a whole-matrix term costs
 as much as the matrix's forward and backward):
-- orthogonality: parameter dtype, squared error summed in float64; `every` 2 (~0.2 step
+- orthogonality: parameter dtype, squared error summed in float64; `every` 4 (~0.3 step
   per application);
 - nuclear_norm: float64 (U V^T over *all* nonzero singular values: the Gram squares the
   condition number, fp32 loses every sigma below ~1e-2 sigma_max - see
-  test_low_rank_terms_param_dtype_against_the_float64_svd); `every` 10 (~1 step per
+  test_low_rank_terms_param_dtype_against_the_float64_svd); `every` 16 (~1.5 steps per
   application, an eigendecomposition per matrix);
 - trained_rank_pruning: parameter dtype (the energy-truncated terms are well conditioned:
-  fp32 agrees with the float64 SVD to 1e-5); `period` 5 (the reference's train_TPR.sh).
+  fp32 agrees with the float64 SVD to 1e-5); `period` 8 (~0.8 step per projection; the
+  reference's train_TPR.sh uses 5, its argparse default 1).
+Each default keeps the amortised cost near 1.1x the no-hook step on that benchmark.
 A larger batch shrinks these costs relative to the step: set `every: 1` / `period: 1` there.
 """
 from __future__ import annotations
@@ -144,7 +146,7 @@ class Orthogonality(_MatrixPenalty):
     Gram (route gram), one all-gather of the other matrices' slices (route gather: each
     rank then forms only its own rows of W W^T and of the gradient), and on logging steps
     one all-reduce of those matrices' partial values; none under DDP.
-    Cost: `every: N` (default 2, see the module docstring) applies it on every N-th step
+    Cost: `every: N` (default 4, see the module docstring) applies it on every N-th step
     with the gradient times N (the same mean force, as with gradient accumulation); the
     value is computed on logging steps only (every due step when N > 1); the embedding tables and output head are
     left out unless `include_io`; the Gram and the gradient (closed form 4 W (G - I), no
@@ -156,7 +158,7 @@ class Orthogonality(_MatrixPenalty):
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(1e-4, ge=0, description="penalty coefficient (lambda)")
-        every: int = every_field(2, "one application costs ~0.2 of a llama-small fsdp2 x2 step (two products "
+        every: int = every_field(4, "one application costs ~0.3 of a llama-small fsdp2 x2 step (two products "
                                     "per matrix the size of its forward at 256 tokens per rank)")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         side: Literal["auto", "rows", "cols"] = "auto"
@@ -241,7 +243,7 @@ class NuclearNorm(_MatrixPenalty):
     (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
     Communication per application: one all-reduce of all row-sharded matrices' Grams, one
     all-gather of the others' slices, one all-gather of the owners' V S^-1 V^T (each matrix
-    factorised once, on its owner rank, round-robin). `every: N` (default 10, see the module
+    factorised once, on its owner rank, round-robin). `every: N` (default 16, see the module
     docstring): applied on every N-th step, subgradient times N; embedding tables and
     output head left out unless `include_io`."""
 
@@ -249,8 +251,8 @@ class NuclearNorm(_MatrixPenalty):
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(3e-4, ge=0, description="penalty coefficient (lambda)")
-        every: int = every_field(10, "an exact U V^T needs one float64 eigendecomposition per matrix; one "
-                                     "application costs ~0.8-1.3 llama-small fsdp2 x2 steps")
+        every: int = every_field(16, "an exact U V^T needs one float64 eigendecomposition per matrix; one "
+                                     "application costs ~1.5 llama-small fsdp2 x2 steps")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         route: Literal["auto", "gram", "gather"] = "auto"
         precision: Literal["fp64", "param"] = Field("fp64", description="Gram / eigh / products in float64 (exact "
@@ -287,17 +289,17 @@ class TrainedRankPruning(_MatrixPenalty):
     (nuclear_weight * truncated_nuclear), `projected_at` (last projection step).
     Communication per projection (NC): as `nuclear_norm`, the owners sending V_k V_k^T and
     V_k S_k^-1 V_k^T; in the parameter dtype by default (`precision`). `period` is this
-    hook's `every` (default 5, the reference's train_TPR.sh `-dp 5`; its argparse default
-    is 1): the projection is a weight edit and, as in the reference, the nuclear term is
+    hook's `every` (default 8, see the module docstring; the reference's train_TPR.sh uses
+    `-dp 5`, its argparse default is 1): the projection is a weight edit and, as in the reference, the nuclear term is
     added on projection steps only, unscaled. Embedding tables and output head left out
     unless `include_io`."""
 
     name = "trained_rank_pruning"
 
     class Params(MatrixParams):
-        period: int = Field(5, gt=0, description="steps between projections (m); default 5 as the reference's "
-                                                  "train_TPR.sh (-dp 5; its argparse default is 1): a projection "
-                                                  "costs ~0.5 of a llama-small fsdp2 x2 step")
+        period: int = Field(8, gt=0, description="steps between projections (m); default 8: a projection costs "
+                                                  "~0.8 of a llama-small fsdp2 x2 step (the reference: argparse "
+                                                  "default 1, train_TPR.sh -dp 5)")
         energy: float = Field(0.9, gt=0, le=1, description="energy threshold e on sum sigma^2")
         projection: bool = True
         nuclear_weight: float | None = Field(None, ge=0, description="lambda of the nuclear term (None: off)")
