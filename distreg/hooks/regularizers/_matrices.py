@@ -30,8 +30,6 @@ from distreg.hooks.regularizers._common import F64, matrix_shape
 from distreg.regularizers.lowrank import energy_rank
 from distreg.regularizers.orthogonality import _safe_sqrt
 
-_EPS64 = torch.finfo(torch.float64).eps
-
 
 @dataclass
 class MatrixPlan:
@@ -280,10 +278,3 @@ def _pack_size(plan: MatrixPlan, i: int, left: list[bool], want_proj: bool, want
     n, d = plan.shapes[i]
     m = n if left[i] else d
     return (int(want_proj) + int(want_sub)) * m * m + 2
-
-
-def max_ranks(plan: MatrixPlan) -> int:
-    return sum(min(s) for s in plan.shapes)
-
-
-__all__ = ["MatrixPlan", "make_plan", "orthogonality_terms", "low_rank_terms", "LowRankOut", "max_ranks"]
