@@ -6,12 +6,16 @@ and mean, which includes periodic work such as `hessian_trace` every N steps).
     python benchmarks/regularizer_overhead.py [--steps 30] [--block 5]
     python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2     # 2 gloo ranks
     python benchmarks/regularizer_overhead.py --world 2 --strategy fsdp2 --preset llama-small \
-        --hooks orthogonality nuclear_norm trained_rank_pruning group_envelope sorsa --steps 6 --block 2
+        --hooks orthogonality nuclear_norm trained_rank_pruning group_envelope sorsa --steps 32 --block 4
 
 Each rank is a spawned gloo process (`distreg.testing.run_distributed`, also for one
-rank); times are rank 0's. `hessian_trace` runs every `--hessian-every` steps (its cost
-per estimate is 1 + 2 m probe forwards), `trained_rank_pruning` projects every step
-(period 1, the reference default); `distillation` runs one teacher of the student's size
+rank); times are rank 0's. Steps run as in `Trainer.fit` (`step_on_device`: hook metrics
+computed and read back on logging steps only, every `train.log_every` = 10). Hooks run at
+their documented defaults, including `every` / `period` (orthogonality every 4, nuclear_norm
+every 16, trained_rank_pruning period 8): the *mean* ratio is their amortised cost - use a
+`--steps` that is a multiple of 16 so each hook gets its share of applications; the median
+shows the steps in between. `hessian_trace` runs every `--hessian-every` steps (its cost
+per estimate is 1 + 2 m probe forwards); `distillation` runs one teacher of the student's size
 (trained one step first); `sorsa` adapts every block projection at rank 16; `sara` trains
 the smallest 10 % of each 2-D weight.
 """
@@ -83,12 +87,17 @@ def worker(data: str, root: str, args: dict) -> dict:
         for _ in range(2):  # warm-up
             t.train_step()
         trainers[name] = t
+    log_every = next(iter(trainers.values())).cfg.train.log_every
     times = {name: [] for name in trainers}
     for r in range(args["steps"] // args["block"]):
         for name, t in trainers.items():
             for _ in range(args["block"]):
                 t0 = time.perf_counter()
-                t.train_step()
+                t.step_on_device()  # as fit(): metrics on logging steps only, read back there
+                if t.step % log_every == 0:
+                    t.step_metrics.flush()
+                    for h in t.hooks:
+                        h.metrics()
                 times[name].append(time.perf_counter() - t0)
         if Comm().rank == 0:  # running medians after each round (long runs on a busy machine)
             base = statistics.median(times["none"])

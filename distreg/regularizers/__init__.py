@@ -30,7 +30,7 @@ from distreg.regularizers.grad_ops import orthograd, softmax_collapse_counts
 from distreg.regularizers.sorsa import SvdSplit, gram, orth_norm, principal, svd_split
 from distreg.regularizers.sorsa import merge as sorsa_merge
 from distreg.regularizers.sorsa import orth_loss as sorsa_orth_loss
-from distreg.regularizers.group_sparsity import group_sq_norms, sparse_envelope, sparse_envelope_gap, wgsef_prox
+from distreg.regularizers.group_sparsity import group_sq_norms, sparse_envelope, sparse_envelope_gap, wgsef_prox, wgsef_scale
 from distreg.regularizers.hessian import (
     TraceEstimate,
     hutchinson_trace,
@@ -77,7 +77,7 @@ __all__ = [
     "soft_orthogonality", "soft_orthogonality_grad", "conv_orthogonality",
     "LowRank", "energy_rank", "trp_matrix", "trp_unmatrix", "low_rank_project", "low_rank_project_gram",
     "nuclear_subgradient",
-    "group_sq_norms", "sparse_envelope", "sparse_envelope_gap", "wgsef_prox",
+    "group_sq_norms", "sparse_envelope", "sparse_envelope_gap", "wgsef_prox", "wgsef_scale",
     "feature_counts", "batch_presence", "mba_l2", "dice_batch_moments", "dice", "dice_reference",
     "standardized_moments", "wdr_loss",
     "nested_dropout_probs", "nested_dropout_keep", "nested_dropout",

@@ -111,12 +111,26 @@ def wgsef_prox(local: torch.Tensor, group_ids: torch.Tensor, num_groups: int, al
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     sq = group_sq_norms(local, group_ids, num_groups, comm)
-    w = _weights(d, sq)
+    _weights(d, sq)  # validated whatever alpha
     if alpha == 0:
         return local.clone(), torch.ones_like(sq)
+    scale, omega = wgsef_scale(sq, alpha, k, d)
+    x = local.reshape(-1).to(torch.float64) * scale[group_ids.reshape(-1)]
+    return x.to(local.dtype).reshape(local.shape), omega
+
+
+def wgsef_scale(sq_norms: torch.Tensor, alpha: float, k: int, d: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scalar part of `wgsef_prox` from the (global) group sq-norms: (per-group factor
+    omega_i / (omega_i + alpha d_i) that x_{G_i} = factor_i v_{G_i}, omega), float64 [num_groups].
+    Needs no communication: callers that batch many layers all-reduce their sq-norms once."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    sq = sq_norms.to(torch.float64)
+    w = _weights(d, sq)
+    if alpha == 0:
+        return torch.ones_like(sq), torch.ones_like(sq)
     c = torch.sqrt(w * sq)
     ad = alpha * w
     omega = torch.ones_like(sq) if int((c > 0).sum()) <= k else _omega(c, ad, k)
-    scale = omega / (omega + ad)
-    x = local.reshape(-1).to(torch.float64) * scale[group_ids.reshape(-1)]
-    return x.to(local.dtype).reshape(local.shape), omega
+    return omega / (omega + ad), omega

@@ -138,7 +138,7 @@ def test_orthogonality_adds_coef_times_full_gradient(world, mode, precision):
     from distreg.regularizers import soft_orthogonality
 
     value, grad = full_autograd(soft_orthogonality, MATS)
-    _, got, res = penalty_grad_after_backward(world, mode, MATS, lambda: hook("orthogonality", coef=0.3,
+    _, got, res = penalty_grad_after_backward(world, mode, MATS, lambda: hook("orthogonality", coef=0.3, every=1,
                                                                                milestones={0: 2.0, 5: 0.1},
                                                                                precision=precision), grads=GRADS)
     rel = 1e-10 if precision == "fp64" else 1e-6
@@ -167,7 +167,8 @@ def test_orthogonality_spec_value_and_schedule():
 def test_every_applies_on_due_steps_with_gradient_times_every(name):
     """`every: 3`: on step 0 the term's gradient x 3 (the mean force of every step), on
     steps 1 and 2 nothing is added and the metrics keep their last values."""
-    _, ref_got, ref_res = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01), grads=GRADS)
+    _, ref_got, ref_res = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01, every=1),
+                                                      grads=GRADS)
     _, got, res = penalty_grad_after_backward(2, "rows", MATS, lambda: hook(name, coef=0.01, every=3), grads=GRADS)
     for k in MATS:
         assert (ref_got[k] - GRADS[k]).abs().max() > 0
@@ -202,7 +203,7 @@ def test_embedding_and_output_head_left_out_by_default():
 def test_nuclear_norm_adds_exact_subgradient(world, mode):
     from distreg.regularizers import nuclear_subgradient
 
-    _, got, res = penalty_grad_after_backward(world, mode, MATS, lambda: hook("nuclear_norm", coef=0.01), grads=GRADS)
+    _, got, res = penalty_grad_after_backward(world, mode, MATS, lambda: hook("nuclear_norm", coef=0.01, every=1), grads=GRADS)
     total = 0.0
     for k, w in MATS.items():
         torch.testing.assert_close(got[k], GRADS[k] + 0.01 * nuclear_subgradient(w.double()).float(),
@@ -283,6 +284,43 @@ def test_trp_period_and_checkpointed_pending_subgradient():
     h2.after_backward(f.ctx)
     torch.testing.assert_close(f.grads["wb.weight"], torch.tensor([0.6, 0, 0, 0.8, 0, 0]), atol=1e-7, rtol=0)
     assert h2.metrics() == h.metrics()
+
+
+@pytest.mark.parametrize("world,mode", SPLITS)
+def test_low_rank_terms_param_dtype_against_the_float64_svd(world, mode):
+    """The defaults' numerics against the float64 SVD reference, on matrices with a
+    llama-like spread of singular values (sigma_max / sigma_min ~ 1e3): TRP in the parameter
+    dtype (fp32 Gram + eigh; energy 0.9) keeps the rank and agrees to 1e-5 relative; the
+    nuclear norm in float64 (its default) gives U V^T to 1e-6 even for the smallest sigma.
+    Gram and gather routes both run (a tall and a wide matrix)."""
+    from distreg.regularizers import low_rank_project
+
+    def spread(n, d, seed):
+        u, _ = torch.linalg.qr(_randn(n, min(n, d), seed=seed).double())
+        v, _ = torch.linalg.qr(_randn(d, min(n, d), seed=seed + 1).double())
+        s = torch.logspace(0, -3, min(n, d), dtype=torch.float64)
+        return ((u * s) @ v.t()).float()
+
+    fulls = {"wa.weight": spread(24, 16, 1), "wb.weight": spread(12, 20, 3)}
+    trp_ref = {k: low_rank_project(w.double(), 0.9) for k, w in fulls.items()}
+    nuc_ref = {k: low_rank_project(w.double(), 1.0).subgradient for k, w in fulls.items()}
+
+    def trp(f):
+        h = hook("trained_rank_pruning", nuclear_weight=1.0)  # defaults: period 8, precision param
+        h.on_train_start(f.ctx)  # projects for step 0
+        h.after_backward(f.ctx)  # + 1.0 * U_k V_k^T
+        return h.metrics()
+
+    weights, grads, res = on_ranks(world, mode, fulls, trp)
+    for k, ref in trp_ref.items():
+        scale = float(ref.projection.abs().max())
+        torch.testing.assert_close(weights[k].double(), ref.projection, rtol=0, atol=1e-5 * scale)
+        torch.testing.assert_close(grads[k].double(), ref.subgradient, rtol=0, atol=1e-5)
+    _, nuc, _ = penalty_grad_after_backward(world, mode, fulls, lambda: hook("nuclear_norm", coef=1.0, every=1))
+    for k in fulls:
+        torch.testing.assert_close(nuc[k].double(), nuc_ref[k], rtol=0, atol=1e-6)
+    metrics = res[0]
+    assert metrics["trained_rank_pruning/rank_mean"] == sum(int(r.rank) for r in trp_ref.values()) / 2
 
 
 # --------------------------------------------------------------------------- WDR
@@ -614,8 +652,8 @@ TREND_STEPS = 6  # the single-process runs go on: each family's own metric moves
 CONFIGS = {
     # gather and gram routes both run: wk/wv (32 x 64) and w2 (64 x 176) are wider than tall
     "penalties": [
-        {"name": "orthogonality", "include": ["layers.0.attention.*"], "coef": 0.05},
-        {"name": "nuclear_norm", "include": ["layers.0.feed_forward.*"], "coef": 0.02},
+        {"name": "orthogonality", "include": ["layers.0.attention.*"], "coef": 0.05, "every": 1},
+        {"name": "nuclear_norm", "include": ["layers.0.feed_forward.*"], "coef": 0.02, "every": 1},
         {"name": "wdr", "include": ["layers.1.*"], "coef": 5.0},
         {"name": "mba_l2", "lam": 0.5},
         {"name": "z_loss_logit", "kappa": 0.05},
@@ -623,7 +661,7 @@ CONFIGS = {
         {"name": "hessian_trace", "every": 2, "max_probes": 2, "tol": 0.0},
     ],
     "projection": [
-        {"name": "trained_rank_pruning", "include": ["layers.1.feed_forward.*"], "nuclear_weight": 1e-3},
+        {"name": "trained_rank_pruning", "include": ["layers.1.feed_forward.*"], "nuclear_weight": 1e-3, "period": 1},
         {"name": "group_envelope", "include": ["layers.1.attention.*"], "lam": 5.0, "k_fraction": 0.5},
         {"name": "group_envelope", "include": ["layers.0.feed_forward.w2.weight"], "lam": 5.0, "k": 64,
          "groups": "cols", "group_weights": "size", "objective": "envelope", "metrics_prefix": "ge_cols"},

@@ -11,8 +11,9 @@ train start and identical on every rank:
   all-reduce form is used (one [D, D] float64 all-reduce per matrix, D = columns).
 - ``gather``: otherwise (a ZeRO-3 partition that cuts rows), or when the [N, D] matrix is
   smaller than its [D, D] Gram (N < D), or forced by config: the matrix's local slices are
-  all-gathered, one matrix at a time, so each rank briefly holds that one full matrix (never
-  the model); hooks needing an SVD compute it on one owner rank (round-robin) and broadcast.
+  all-gathered (the matrix penalties: all such matrices in one all-gather, `_matrices`), so
+  each rank briefly holds those full matrices (never the model); hooks needing an
+  eigendecomposition / SVD compute it on one owner rank (round-robin) and share the result.
 
 Gradient additions go through ``ParamShard.write_grad`` (the reduced local gradient: a
 view under DDP / FSDP2, DeepSpeed's fp32 gradient partition under ZeRO-3, where
@@ -135,10 +136,17 @@ def io_weight_names(model: nn.Module) -> set[str]:
 
 
 class EveryParams(Hook.Params):
-    """`every` for a penalty whose cost is per application, not per step."""
+    """`every` for a penalty whose cost is per application, not per step (a hook sets its
+    own documented default in `default_every`)."""
 
     every: int = Field(1, gt=0, description="apply on steps s with s % every == 0, gradient x every (the same "
                                             "mean force per step as every step)")
+
+
+def every_field(default: int, why: str):
+    """`every` with a hook's own default and the reason for it in the description."""
+    return Field(default, gt=0, description=f"apply on steps s with s % every == 0, gradient x every (the same mean "
+                                            f"force per step as every step); default {default}: {why}")
 
 
 def select_shards(ctx: HookContext, include: list[str], exclude: list[str], candidates: list[str] | None,

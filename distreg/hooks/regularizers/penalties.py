@@ -19,8 +19,23 @@ clipped together with the loss gradient) -> optimizer step. TRP's projection run
 `after_step` (so before the next step's forward) and in `on_train_start` for step 0.
 Put `perp_grad` after these hooks in the hook list: hooks run in list order.
 
-Values are computed in float64 from the fp32 master shards and are identical on every
-rank; each rank gets exactly its slice of the full gradient (routes in `_common`).
+Values are identical on every rank; each rank gets exactly its slice of the full
+gradient (routes in `_common`). The three matrix penalties run on `_matrices` (one fused
+collective of each kind per application, eigendecompositions dealt over the ranks).
+Precision and default cadence, chosen from measurements (`benchmarks/regularizer_overhead.py`,
+llama-small fsdp2 x2, 256 tokens per rank: a small batch, where a whole-matrix term costs
+as much as the matrix's forward and backward):
+- orthogonality: parameter dtype, squared error summed in float64; `every` 4 (~0.3 step
+  per application);
+- nuclear_norm: float64 (U V^T over *all* nonzero singular values: the Gram squares the
+  condition number, fp32 loses every sigma below ~1e-2 sigma_max - see
+  test_low_rank_terms_param_dtype_against_the_float64_svd); `every` 16 (~1.5 steps per
+  application, an eigendecomposition per matrix);
+- trained_rank_pruning: parameter dtype (the energy-truncated terms are well conditioned:
+  fp32 agrees with the float64 SVD to 1e-5); `period` 8 (~0.8 step per projection; the
+  reference's train_TPR.sh uses 5, its argparse default 1).
+Each default keeps the amortised cost near 1.1x the no-hook step on that benchmark.
+A larger batch shrinks these costs relative to the step: set `every: 1` / `period: 1` there.
 """
 from __future__ import annotations
 
@@ -37,6 +52,7 @@ from distreg.hooks.regularizers._common import (
     F64,
     SelectParams,
     EveryParams,
+    every_field,
     add_to_grad,
     gather_full,
     io_weight_names,
@@ -52,12 +68,12 @@ from distreg.hooks.regularizers._common import (
 from distreg.regularizers import (
     low_rank_project,
     low_rank_project_gram,
-    soft_orthogonality_grad,
     standardized_moments,
     trp_matrix,
     trp_unmatrix,
 )
 from distreg.regularizers._dist import active
+from distreg.hooks.regularizers._matrices import MatrixPlan, low_rank_terms, make_plan, orthogonality_terms
 
 
 class _ParamPenalty(ValuesHook):
@@ -104,8 +120,11 @@ class MatrixParams(SelectParams):
 
 
 class _MatrixPenalty(_ParamPenalty):
+    matrix_plan: MatrixPlan | None = None
+
     def plan(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         self.routes = plan_routes(ctx, shards, getattr(self.params, "route", "auto"))
+        self.matrix_plan = make_plan(ctx, shards, self.routes)
 
     def due(self, ctx: HookContext) -> bool:
         """Applied in the step that `ctx.step` (completed steps) starts, every `every`."""
@@ -123,10 +142,13 @@ class Orthogonality(_MatrixPenalty):
     one (`auto`, default). `milestones` {step: factor} gives SRIP-style piecewise-constant
     coefficient decays. Metrics: `penalty` (coef * error), `error` (sum over layers of
     ||Gram - I||^2), `error_mean` (per layer), `coef`.
-    Communication per applied step: per matrix one [D, D] all-reduce (route gram) or one
-    all-gather of the matrix (route gather); none under DDP.
-    Cost: `every: N` applies it on every N-th step with the gradient times N (the same
-    mean force, as with gradient accumulation); the embedding tables and output head are
+    Communication per applied step: one all-reduce of every row-sharded matrix's [D, D]
+    Gram (route gram), one all-gather of the other matrices' slices (route gather: each
+    rank then forms only its own rows of W W^T and of the gradient), and on logging steps
+    one all-reduce of those matrices' partial values; none under DDP.
+    Cost: `every: N` (default 4, see the module docstring) applies it on every N-th step
+    with the gradient times N (the same mean force, as with gradient accumulation); the
+    value is computed on logging steps only (every due step when N > 1); the embedding tables and output head are
     left out unless `include_io`; the Gram and the gradient (closed form 4 W (G - I), no
     autograd) are formed in the parameter's dtype (`precision: param`; the squared error
     is summed in float64) - `precision: fp64` forms them in float64, for metrics exact to
@@ -136,6 +158,8 @@ class Orthogonality(_MatrixPenalty):
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(1e-4, ge=0, description="penalty coefficient (lambda)")
+        every: int = every_field(4, "one application costs ~0.3 of a llama-small fsdp2 x2 step (two products "
+                                    "per matrix the size of its forward at 256 tokens per rank)")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         side: Literal["auto", "rows", "cols"] = "auto"
         squared: bool = True
@@ -147,35 +171,24 @@ class Orthogonality(_MatrixPenalty):
     def coef(self, step: int) -> float:
         return self.params.coef * schedule_factor(self.params.milestones, step)
 
-    def term(self, ctx: HookContext, shard: ParamShard, route: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(value, this rank's slice of d value / d W) for one matrix."""
-        p = self.params
-        dtype = F64 if p.precision == "fp64" else None
-        _, d = matrix_shape(shard)
-        if route == "gram":
-            rows = shard.data().detach().reshape(-1, d)
-            value, grad = soft_orthogonality_grad(rows, p.side, p.squared, comm=ctx.comm, gram_dtype=dtype)
-            return value, grad.reshape(-1)
-        full = gather_full(ctx, shard) if route == "gather" else shard.data().detach().reshape(-1, d)
-        if route == "gather" and dtype is None:
-            full = full.to(shard.data().dtype)
-        value, grad = soft_orthogonality_grad(full, p.side, p.squared, gram_dtype=dtype)
-        return value, local_slice(shard, grad)
-
     def after_backward(self, ctx: HookContext) -> None:
         if not self.due(ctx):
             return
+        p = self.params
         coef = self.coef(ctx.step)
-        scale = coef * self.params.every
         shards = self.shards(ctx)
-        total = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None)
-        for shard, route in zip(shards, self.routes):
-            value, grad = self.term(ctx, shard, route)
-            total += value
-            if coef:
-                add_to_grad(shard, scale * grad)
-        self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
-                       "error_mean": total / len(shards), "coef": coef}
+        # the value only on logging steps (or with every > 1, where the next logging step may
+        # not be a due step); it is free on the gram / local routes, one small all-reduce else
+        need_value = ctx.metrics_due or p.every > 1
+        values, grads = orthogonality_terms(ctx, self.matrix_plan, shards, p.side, p.squared,
+                                            F64 if p.precision == "fp64" else None, need_value)
+        if coef:
+            for shard, grad in zip(shards, grads):
+                add_to_grad(shard, (coef * p.every) * grad)
+        if values is not None and need_value:
+            total = values.sum()
+            self.values = {"penalty": coef * total, "error": total,  # device tensors: read in metrics()
+                           "error_mean": total / len(shards), "coef": coef}
 
 
 # --------------------------------------------------------------------------- nuclear norm / TRP
@@ -224,19 +237,27 @@ def _max_rank(shard: ParamShard, kind: str) -> int:
 @register
 class NuclearNorm(_MatrixPenalty):
     """coef * sum_layers ||W||_* (trace norm), gradient = coef * U V^T over the numerically
-    nonzero singular values (`distreg.regularizers.nuclear_subgradient`). The value is
-    <W, U V^T> (a dot product over local elements, one scalar all-reduce). Metrics:
-    `penalty`, `value` (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
-    Communication: per matrix the Gram all-reduce (+ the eigenbasis broadcast from rank 0)
-    or a gather + the owner's broadcast of U V^T. `every: N`: applied on every N-th step,
-    subgradient times N; embedding tables and output head left out unless `include_io`."""
+    nonzero singular values (`distreg.regularizers.nuclear_subgradient`), from the
+    eigendecomposition of the smaller Gram (float64 by default, `precision`). The value is
+    sum sigma_i (from the owner's eigenvalues: no collective). Metrics: `penalty`, `value`
+    (sum of nuclear norms), `rank_mean` (numerical rank), `coef`.
+    Communication per application: one all-reduce of all row-sharded matrices' Grams, one
+    all-gather of the others' slices, one all-gather of the owners' V S^-1 V^T (each matrix
+    factorised once, on its owner rank, round-robin). `every: N` (default 16, see the module
+    docstring): applied on every N-th step, subgradient times N; embedding tables and
+    output head left out unless `include_io`."""
 
     name = "nuclear_norm"
 
     class Params(MatrixParams, EveryParams):
         coef: float = Field(3e-4, ge=0, description="penalty coefficient (lambda)")
+        every: int = every_field(16, "an exact U V^T needs one float64 eigendecomposition per matrix; one "
+                                     "application costs ~1.5 llama-small fsdp2 x2 steps")
         milestones: dict[int, float] = Field({}, description="{step: factor} piecewise-constant coefficient schedule")
         route: Literal["auto", "gram", "gather"] = "auto"
+        precision: Literal["fp64", "param"] = Field("fp64", description="Gram / eigh / products in float64 (exact "
+                                                                       "U V^T), or the parameter dtype (drops "
+                                                                       "sigma < ~1e-2 sigma_max)")
 
     params: "NuclearNorm.Params"
 
@@ -244,16 +265,14 @@ class NuclearNorm(_MatrixPenalty):
         if not self.due(ctx):
             return
         coef = self.params.coef * schedule_factor(self.params.milestones, ctx.step)
-        dots, ranks = torch.zeros((), dtype=F64, device=ctx.local_shards()[0].data().device), []
-        for i, (shard, route) in enumerate(zip(self.shards(ctx), self.routes)):
-            _, sub, k = _low_rank(ctx, shard, route, 1.0, i % ctx.world_size)
-            dots += torch.dot(shard.data().detach().to(F64).reshape(-1), sub)
-            ranks.append(k)
-            if coef:
-                add_to_grad(shard, coef * self.params.every * sub)
-        if ctx.metrics_on():  # the value is a metric only: its all-reduce and read on logging steps
-            value = float(ctx.sum_over_shards(dots.reshape(1)))
-            self.values = {"penalty": coef * value, "value": value, "rank_mean": sum(ranks) / len(ranks), "coef": coef}
+        shards = self.shards(ctx)
+        dtype = F64 if self.params.precision == "fp64" else shards[0].data().dtype
+        res = low_rank_terms(ctx, self.matrix_plan, shards, 1.0, want_proj=False, want_sub=True, dtype=dtype)
+        if coef:
+            for shard, sub in zip(shards, res.subgradient):
+                add_to_grad(shard, (coef * self.params.every) * sub)
+        value = res.sigma_sum.sum()  # sum of the singular values, on the owner ranks: no collective
+        self.values = {"penalty": coef * value, "value": value, "rank_mean": res.rank.mean(), "coef": coef}
 
 
 @register
@@ -268,19 +287,26 @@ class TrainedRankPruning(_MatrixPenalty):
     Kinds VH / ND (conv) always take the gather route. Metrics: `rank_mean`, `rank_ratio`
     (sum k / sum max rank), `truncated_nuclear` (sum_i<=k sigma_i), `penalty`
     (nuclear_weight * truncated_nuclear), `projected_at` (last projection step).
-    Communication per projection: as `nuclear_norm` + one scalar all-reduce. `period` is
-    this hook's `every` (the projection is a weight edit, not a gradient: nothing to
-    scale); embedding tables and output head left out unless `include_io`."""
+    Communication per projection (NC): as `nuclear_norm`, the owners sending V_k V_k^T and
+    V_k S_k^-1 V_k^T; in the parameter dtype by default (`precision`). `period` is this
+    hook's `every` (default 8, see the module docstring; the reference's train_TPR.sh uses
+    `-dp 5`, its argparse default is 1): the projection is a weight edit and, as in the reference, the nuclear term is
+    added on projection steps only, unscaled. Embedding tables and output head left out
+    unless `include_io`."""
 
     name = "trained_rank_pruning"
 
     class Params(MatrixParams):
-        period: int = Field(1, gt=0, description="steps between projections (m)")
+        period: int = Field(8, gt=0, description="steps between projections (m); default 8: a projection costs "
+                                                  "~0.8 of a llama-small fsdp2 x2 step (the reference: argparse "
+                                                  "default 1, train_TPR.sh -dp 5)")
         energy: float = Field(0.9, gt=0, le=1, description="energy threshold e on sum sigma^2")
         projection: bool = True
         nuclear_weight: float | None = Field(None, ge=0, description="lambda of the nuclear term (None: off)")
         kind: Literal["NC", "VH", "ND"] = "NC"
         route: Literal["auto", "gram", "gather"] = "auto"
+        precision: Literal["param", "fp64"] = Field("param", description="Gram / eigh / products in the parameter "
+                                                                       "dtype, or float64 (NC kind)")
 
     params: "TrainedRankPruning.Params"
 
@@ -293,11 +319,32 @@ class TrainedRankPruning(_MatrixPenalty):
         self.routes = plan_routes(ctx, shards, self.params.route)
         if self.params.kind != "NC":
             self.routes = ["local" if r == "local" else "gather" for r in self.routes]
+        else:
+            self.matrix_plan = make_plan(ctx, shards, self.routes)
         if ctx.step % self.params.period == 0 and self.pending_step != ctx.step:
             self.project(ctx, shards)
 
     @torch.no_grad()
     def project(self, ctx: HookContext, shards: list[ParamShard]) -> None:
+        p = self.params
+        if p.kind != "NC":  # conv layouts: one weight at a time
+            return self._project_conv(ctx, shards)
+        dtype = F64 if p.precision == "fp64" else shards[0].data().dtype
+        res = low_rank_terms(ctx, self.matrix_plan, shards, p.energy, want_proj=p.projection,
+                             want_sub=bool(p.nuclear_weight), dtype=dtype)
+        pending = {}
+        for shard, proj, sub in zip(shards, res.projection, res.subgradient):
+            if p.projection:
+                shard.write(proj.to(shard.data().dtype))
+            if p.nuclear_weight:
+                pending[shard.name] = sub.to(torch.float32)
+        ks, trunc = res.rank.sum(), res.sigma_sum.sum()  # device tensors, read in metrics()
+        self.pending, self.pending_step = (pending or None), ctx.step
+        self.values = {"rank_mean": ks / len(shards), "rank_ratio": ks / sum(min(m) for m in self.matrix_plan.shapes),
+                       "truncated_nuclear": trunc, "penalty": (p.nuclear_weight or 0.0) * trunc,
+                       "projected_at": float(ctx.step)}
+
+    def _project_conv(self, ctx: HookContext, shards: list[ParamShard]) -> None:
         p = self.params
         dots, ks, max_k = torch.zeros((), dtype=F64, device=shards[0].data().device if shards else None), 0, 0
         pending = {}

@@ -26,14 +26,17 @@ after `after_backward`, so with `train.grad_clip` set the term is clipped with t
 gradient (identical without clipping). Gradient writes are refused under ZeRO-1/2 in mode
 `code` (mode `decoupled` writes weights and runs there too); DeepSpeed fp16 is unsupported.
 
-Communication per step (sharded strategies; none under DDP):
+Communication per step (sharded strategies; none under DDP): two collectives in all.
+- A [r, in]: FSDP2 shards it along r, so A A^T needs every row: every layer's A slice goes
+  into one all-gather (parameter dtype); each rank forms only its own rows of A A^T - I
+  (float64: near init the non-squared norm's gradient direction is set by round-off, so an
+  fp32 Gram would change it) and of the gradient, and its share of ||A A^T - I||^2.
+  (Column partial products would avoid the gather, but no strategy shards by columns.)
 - B [out, r]: whole-row blocks (FSDP2 Shard(0); aligned ZeRO-3 partitions): each rank forms
-  its r x r partial B_loc^T B_loc, one all-reduce of all layers' stacked Grams; the gradient
-  rows 2 B_loc (G - I) / ||G - I|| are local. Partitions that cut rows: gathered like A.
-- A [r, in]: FSDP2 shards it along r, so A A^T needs every row: A is all-gathered (r x in,
-  one layer at a time, float64) and each rank keeps its slice of the full gradient. (Column
-  partial products A[:, cols] A[:, cols]^T would avoid the gather, but no strategy shards by
-  columns, and ZeRO-3 partitions cut rows.)
+  its r x r partial B_loc^T B_loc; one all-reduce carries all layers' B Grams and A norm
+  shares; the gradient rows 2 B_loc (G - I) / ||G - I|| are local. Partitions that cut
+  rows: gathered with the A slices.
+No host reads: the metrics stay device tensors until a logging step reads them.
 Metrics: `reg` (L_orth), `penalty` (coefficient * L_orth), `orth_error_A` / `orth_error_B`
 (mean ||A A^T - I|| / ||B^T B - I|| over layers), `rank`, `layers`, `coef`.
 State: the adapters and residuals are model parameters (checkpointed by the strategy); the
@@ -57,14 +60,12 @@ from distreg.hooks.regularizers._common import (
     SelectParams,
     ValuesHook,
     add_to_grad,
-    gather_full,
-    local_rows,
-    local_slice,
     plan_routes,
     require_grad_writes,
 )
+from distreg.hooks.regularizers._matrices import MatrixPlan, make_plan, matrices, own_slice
 from distreg.regularizers._dist import active
-from distreg.regularizers.sorsa import gram, orth_norm, svd_split
+from distreg.regularizers.sorsa import svd_split
 
 ADAPTER_NAMES = ("sorsa_A", "sorsa_S", "sorsa_B")
 
@@ -145,6 +146,7 @@ class Sorsa(ValuesHook):
         self.values: dict[str, float] = {}
         self.layers: list[str] | None = None  # module names of the adapted layers, model order
         self.b_routes: list[str] | None = None
+        self.matrix_plan: MatrixPlan | None = None  # A's then B's, made on the first application
         self.pending: list[tuple[ParamShard, torch.Tensor]] = []  # decoupled: local updates of this step
         self.peak_lr = params.peak_lr  # filled from optim.lr at train start when not given
 
@@ -233,39 +235,71 @@ class Sorsa(ValuesHook):
             if self.peak_lr is None:
                 raise ValueError("sorsa: peak_lr not given and optim.lr unknown (coefficient gamma / peak_lr)")
         self.b_routes = plan_routes(ctx, [b for _, b in pairs])
+        self.matrix_plan = None
 
-    def terms(self, ctx: HookContext) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[ParamShard, torch.Tensor]]]:
-        """Per layer ||A A^T - I|| and ||B^T B - I|| (identical on every rank) and this
-        rank's slices of their gradients."""
+    def terms(self, ctx: HookContext) -> tuple[torch.Tensor, torch.Tensor, list[tuple[ParamShard, torch.Tensor]]]:
+        """Per layer ||A A^T - I|| and ||B^T B - I|| (float64 [layers] device tensors,
+        identical on every rank) and this rank's slices of their gradients. Collectives:
+        one all-gather of every layer's A slice (and of B slices that cut rows), one
+        all-reduce of the B partial Grams with the A partial norms; each rank forms only
+        its own rows of A A^T and of the gradients."""
         pairs = self.pairs(ctx)
-        grams = [gram(local_rows(b), "cols") for (_, b), route in zip(pairs, self.b_routes) if route == "gram"]
-        if grams:  # one all-reduce for every layer's r x r partial Gram
-            flat = ctx.comm.all_reduce(torch.cat([g.reshape(-1) for g in grams]))
-            grams = [t.view(g.shape) for t, g in zip(torch.split(flat, [g.numel() for g in grams]), grams)]
-        full_grams = iter(grams)
-        va, vb, grads = [], [], []
-        for (a, b), route in zip(pairs, self.b_routes):
-            whole_a = gather_full(ctx, a) if ctx.sharded and not a.replicated else local_rows(a)
-            value, g = orth_norm(whole_a, "rows")
-            va.append(value.detach())  # device tensors: read back in metrics() only
-            grads.append((a, local_slice(a, g)))
-            if route == "gram":
-                value, g = orth_norm(local_rows(b), "cols", full_gram=next(full_grams))
-                g = g.reshape(-1)
+        shards = [a for a, _ in pairs] + [b for _, b in pairs]
+        if self.matrix_plan is None:
+            a_routes = ["gather" if ctx.sharded and not a.replicated else "local" for a, _ in pairs]
+            self.matrix_plan = make_plan(ctx, shards, a_routes + self.b_routes)
+        plan, n_layers = self.matrix_plan, len(pairs)
+        local, whole = matrices(ctx, plan, shards, F64)
+        partial, a_parts = [], []  # summed over ranks in one all-reduce
+        for j in range(n_layers):  # A: this rank's rows of A A^T - I (rows side, whole A)
+            a, (lo, hi) = whole[j], (0, plan.shapes[j][0]) if plan.routes[j] == "local" else plan.rows(j)
+            diff = a[lo:hi] @ a.t()
+            diff[:, lo:hi].diagonal().sub_(1)
+            if plan.routes[j] == "local":
+                own = diff
+            else:  # rows whose first element is ours carry our share of the norm
+                d = plan.shapes[j][1]
+                first = -(-plan.starts[j] // d)
+                last = -(-(plan.starts[j] + plan.numels[j]) // d) if plan.numels[j] else first
+                own = diff[first - lo: max(first, last) - lo]
+            a_parts.append(diff)
+            partial.append((own * own).sum().reshape(1))
+        a_local = [plan.routes[j] == "local" for j in range(n_layers)]
+        grams = [local[n_layers + j].t() @ local[n_layers + j] for j in range(n_layers) if local[n_layers + j] is not None]
+        flat = torch.cat([g.reshape(-1) for g in grams] + partial)
+        if ctx.sharded:
+            red = ctx.comm.all_reduce(flat.clone())
+            a_sq = torch.where(torch.tensor(a_local, device=flat.device), flat[-n_layers:], red[-n_layers:])
+            flat = red
+        else:
+            a_sq = flat[-n_layers:]
+        grams = iter(torch.split(flat[: flat.numel() - n_layers], [g.numel() for g in grams]))
+        va, vb, grads = a_sq.sqrt(), [], []
+        for j, (a, b) in enumerate(pairs):
+            block = (2.0 / torch.where(va[j] > 0, va[j], torch.ones_like(va[j]))) * (a_parts[j] @ whole[j])
+            block = torch.where(va[j] > 0, block, torch.zeros_like(block))
+            grads.append((a, block.reshape(-1) if plan.routes[j] == "local" else own_slice(plan, j, block)))
+            i = n_layers + j
+            if plan.routes[i] == "gram":
+                g, rows = next(grams).view(plan.shapes[i][1], -1), local[i]
             else:
-                value, g = orth_norm(gather_full(ctx, b) if route == "gather" else local_rows(b), "cols")
-                g = local_slice(b, g)
-            vb.append(value.detach())
-            grads.append((b, g))
-        return va, vb, grads
+                rows = whole[i] if plan.routes[i] == "local" else whole[i][slice(*plan.rows(i))]
+                g = whole[i].t() @ whole[i]
+            diff = g - torch.eye(g.shape[0], dtype=F64, device=g.device)
+            value = torch.linalg.matrix_norm(diff)
+            block = (2.0 / torch.where(value > 0, value, torch.ones_like(value))) * (rows @ diff)
+            block = torch.where(value > 0, block, torch.zeros_like(block))
+            vb.append(value)
+            grads.append((b, block.reshape(-1) if plan.routes[i] != "gather" else own_slice(plan, i, block)))
+        return va, torch.stack(vb), grads
 
     def after_backward(self, ctx: HookContext) -> None:
         self.pending = []
         if ctx.step % self.params.every:
             return
-        va, vb, grads = self.terms(ctx)
+        va, vb, grads = self.terms(ctx)  # device tensors: read back in metrics() only
         n_mat = 2 * len(va)
-        reg = (sum(va) + sum(vb)) / n_mat
+        reg = (va.sum() + vb.sum()) / n_mat
         # d(coef * L_orth) = coef / (2L) * sum of the term gradients; x every on due steps
         step = self.coef / n_mat * self.params.every
         if self.params.gamma > 0:
@@ -274,8 +308,8 @@ class Sorsa(ValuesHook):
                     add_to_grad(shard, step * g)
             else:
                 self.pending = [(shard, step * g) for shard, g in grads]
-        self.values = {"reg": reg, "penalty": self.coef * reg, "orth_error_A": sum(va) / len(va),
-                       "orth_error_B": sum(vb) / len(vb), "rank": float(self.params.rank),
+        self.values = {"reg": reg, "penalty": self.coef * reg, "orth_error_A": va.mean(),
+                       "orth_error_B": vb.mean(), "rank": float(self.params.rank),
                        "layers": float(len(va)), "coef": self.coef}
 
     def after_step(self, ctx: HookContext) -> None:
