@@ -131,7 +131,8 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
     on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
     ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
-    γT dense, (objective, residual) at x, expansions)``."""
+    (γT at the candidates [..., n, c], their experts J), (objective, residual) at x,
+    expansions)``; :func:`densify` makes the dense matrix."""
     m = C.shape[-1]
     batch = C.shape[:-2]
     frozen = torch.zeros(batch, dtype=torch.bool, device=C.device)
@@ -172,7 +173,7 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         # one dense pass: a positive X outside the candidates means the set was too small
         # (X with the real candidate slots masked to −inf, then its row maxima; candidate
         # entries are computed by the same operations, so X and Xc agree bit for bit)
-        X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
         obj, _, res, _, _ = evaluate(x)
         if bool(valid.all()):
             outside = X.scatter_(-1, J, -math.inf)
@@ -184,12 +185,12 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         lost = ~frozen & (res >= 10 * tol)
         grow = missed | lost
         if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
-            return x, it, nevals, stalled, densify(last["GT"], J, m), (obj, res), expansions
+            return x, it, nevals, stalled, (last["GT"], J), (obj, res), expansions
         expansions += 1
         frozen = ~grow
         if bool(lost.any()):
             x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
-        X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C  # the check masked the candidates
+        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # the check masked the candidates
         width = 2 * J.shape[-1]
         if width >= m or expansions > 1:
             J = torch.arange(m, device=C.device).expand(X.shape).contiguous()
