@@ -24,7 +24,9 @@ filled by a rank-one term; a Levenberg-Marquardt term ``μ·diag(c)`` (μ from 3
 after a full step, ×4 after a shortened one) bounds the step of an expert that shares
 no token with the others — its reduced curvature is 0 and the dual is linear along it
 until a token switches; Armijo backtracking on ``D`` (30 halvings for the first step,
-8 later). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
+8 later; the first trial at ``first_step``: the candidate Newton starts a warm start at
+half length, where the full step overshoots, and a first step accepted at that length
+counts as full for the damping). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
 ``tol``, or when it makes no progress — residual not halved and objective not raised
 beyond round-off, once within 10·tol, three times otherwise — or when no step is
 acceptable (a kink of the capped conjugate, where no plan of a single active set meets
