@@ -97,7 +97,8 @@ def _setup(cost, scores, a, b, comm, dtype, check_finite=True):
     """Cost in the working dtype, marginals, scope. Validation (a collective in global
     scope) is skipped for what cannot be wrong: uniform default marginals, and a cost
     whose finiteness the caller checks itself (``check_finite=False``, the scaling
-    Sinkhorn: its row spread is NaN/inf exactly when the cost is not finite)."""
+    Sinkhorn: its row spread is NaN/inf exactly when the cost is not finite). In local
+    scope with uniform marginals a finite ``C.sum()`` stands for the entry-wise check."""
     if (cost is None) == (scores is None):
         raise ValueError("pass exactly one of cost or scores")
     C = (-scores if cost is None else cost).detach()
@@ -119,7 +120,9 @@ def _setup(cost, scores, a, b, comm, dtype, check_finite=True):
         b = torch.full((*batch, m), 1.0 / m, dtype=dt, device=C.device)
     else:
         b = b.detach().to(dt).expand(*batch, m).contiguous()
-    if uniform and not check_finite and not scope.glob:
+    if uniform and not scope.glob and (not check_finite or bool(torch.isfinite(C.sum()))):
+        # one fast reduction: the sum of a cost with a NaN or an inf is not finite (an
+        # overflowing sum of finite entries falls through to the exact count below)
         return C, a, b, scope
     # validation on replicated numbers (one all-reduce) so every rank raises together
     flags = torch.stack([(~torch.isfinite(C)).sum(), (a <= 0).sum()]).to(dt)

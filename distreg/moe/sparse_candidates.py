@@ -125,13 +125,14 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
 
 
 def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
-                     gamma: float, kc: int | None, max_iter: int, tol: float):
+                     gamma: float, kc: int | None, max_iter: int, tol: float, first_step: float = 1.0):
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
     +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
     on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
     ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
-    γT dense, (objective, residual) at x, expansions)``."""
+    (γT at the candidates [..., n, c], their experts J), (objective, residual) at x,
+    expansions)``; :func:`densify` makes the dense matrix."""
     m = C.shape[-1]
     batch = C.shape[:-2]
     frozen = torch.zeros(batch, dtype=torch.bool, device=C.device)
@@ -164,25 +165,32 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         # on a partial set, a bounded round: a restricted problem can be infeasible (an
         # expert no candidate reaches), and Newton then ascends along it without end
         budget = max_iter - it if J.shape[-1] >= m else min(max_iter - it, _ROUND_STEPS)
-        xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, frozen=frozen)
+        xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, frozen=frozen,
+                                               first_step=first_step if expansions == 0 else 1.0)
         it, nevals = it + its, nevals + nev
         stalled = torch.where(frozen, stalled, st)
         x = xs
         # one dense pass: a positive X outside the candidates means the set was too small
-        X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+        # (X with the real candidate slots masked to −inf, then its row maxima; candidate
+        # entries are computed by the same operations, so X and Xc agree bit for bit)
+        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
         obj, _, res, _, _ = evaluate(x)
-        missed = ((X > 0).sum(-1) != (last["Xc"] > 0).sum(-1)).any(-1)
+        if bool(valid.all()):
+            outside = X.scatter_(-1, J, -math.inf)
+        else:  # padded slots (expert 0) leave their entry as it is
+            outside = X.scatter_reduce_(-1, J, torch.full_like(Cc, math.inf).masked_fill_(valid, -math.inf), "amin")
+        missed = (outside.amax(-1) > 0).any(-1)
         # a stall or an unfinished round far from tol may be the candidates' doing too (a
         # token without the alternative the optimum reroutes it to): solved again, from x0
         lost = ~frozen & (res >= 10 * tol)
         grow = missed | lost
         if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
-            return x, it, nevals, stalled, densify(last["GT"], J, m), (obj, res), expansions
+            return x, it, nevals, stalled, (last["GT"], J), (obj, res), expansions
         expansions += 1
         frozen = ~grow
         if bool(lost.any()):
             x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
-            X = x[0].unsqueeze(-1) + x[1].unsqueeze(-2) - C
+        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # the check masked the candidates
         width = 2 * J.shape[-1]
         if width >= m or expansions > 1:
             J = torch.arange(m, device=C.device).expand(X.shape).contiguous()

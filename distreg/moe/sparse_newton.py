@@ -24,7 +24,9 @@ filled by a rank-one term; a Levenberg-Marquardt term ``μ·diag(c)`` (μ from 3
 after a full step, ×4 after a shortened one) bounds the step of an expert that shares
 no token with the others — its reduced curvature is 0 and the dual is linear along it
 until a token switches; Armijo backtracking on ``D`` (30 halvings for the first step,
-8 later). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
+8 later; the first trial at ``first_step``: the candidate Newton starts a warm start at
+half length, where the full step overshoots, and a first step accepted at that length
+counts as full for the damping). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
 ``tol``, or when it makes no progress — residual not halved and objective not raised
 beyond round-off, once within 10·tol, three times otherwise — or when no step is
 acceptable (a kink of the capped conjugate, where no plan of a single active set meets
@@ -59,6 +61,7 @@ def _newton_dual_ascent(
     patience: int = 1,
     J: Tensor | None = None,
     frozen: Tensor | None = None,
+    first_step: float = 1.0,
 ):
     """Maximise the dual over ``x = [α (this rank's tokens), β (replicated)]``.
 
@@ -66,7 +69,8 @@ def _newton_dual_ascent(
     active set W [..., n, m] as 0/1 floats (this rank's tokens), active entries per
     column c [..., m])``. With ``J [..., n, c]`` (expert of each candidate entry, see
     `distreg.moe.sparse_candidates`) W is ``[..., n, c]`` over the candidates instead.
-    ``frozen [...]``: problems left as they are (already solved).
+    ``frozen [...]``: problems left as they are (already solved). ``first_step``: the
+    first line search's initial length (0.5 from a warm start, see `sparse_ot_plan`).
     Returns ``(x, iterations, evaluations, stalled [...])``."""
     obj, grad, res, M, cnt = evaluate(x)
     fin = torch.finfo(obj.dtype).eps
@@ -111,7 +115,8 @@ def _newton_dual_ascent(
             db = torch.where(bad.unsqueeze(-1), gamma * gb / cnt.clamp_min(1), db)
             slope = torch.where(bad, scope.sum_((ga * da).sum(-1).clone()) + (gb * db).sum(-1), slope)
         noise = 8 * fin * (obj.abs() + 1)
-        t = torch.ones_like(obj)
+        t0 = first_step if it == 1 else 1.0
+        t = torch.full_like(obj, t0)
         acc = done.clone()
         nx, no, ng, nr, nM, nc = list(x), obj, list(grad), res, M, cnt
         # the first step from the start may need deep backtracking (a far start, empty
@@ -129,7 +134,7 @@ def _newton_dual_ascent(
                 break
             t = torch.where(acc, t, t / 2)
         failed = ~acc  # no acceptable step: a kink the direction cannot pass
-        mu = torch.where(t == 1, (mu / 4).clamp_min(1e-6), (mu * 4).clamp_max(1.0))
+        mu = torch.where(t == t0, (mu / 4).clamp_min(1e-6), (mu * 4).clamp_max(1.0))
         better = (nr < 0.5 * best) | (no > best_obj + ftol * (best_obj.abs() + 1))
         x, obj, grad, res, M, cnt = nx, no, ng, nr, nM, nc
         best = torch.where(better, torch.minimum(res, best), best)

@@ -17,7 +17,7 @@ from distreg.moe.ot_select import (
     _topk_rows,
     sparse_simplex_projection,
 )
-from distreg.moe.sparse_candidates import candidate_newton, threshold_candidates
+from distreg.moe.sparse_candidates import candidate_newton, column_sums, densify, threshold_candidates
 from distreg.moe.sparse_newton import _newton_dual_ascent
 
 # candidate experts per token of the local-scope Newton (`sparse_candidates`): its
@@ -144,7 +144,7 @@ def sparse_ot_plan(
         exact row block-maximiser for the given β, a far better start than α = 0. The
         simplex threshold needs each row's support only: from its top 8 values when the
         support is smaller than that (the usual routing case), else from a full sort."""
-        U = (beta.unsqueeze(-2) - C) / (gamma * a.unsqueeze(-1))
+        U = (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
         nonlocal candidates
         if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
             top, J = torch.topk(U, _CANDIDATES, dim=-1)  # is usually far smaller (else: full sort)
@@ -252,14 +252,19 @@ def sparse_ot_plan(
 
             x0, sharded = [torch.zeros_like(b)], [False]
 
+    Tc = None  # the candidate Newton's plan at the candidates Jc, when it is the plan
     if newton:
         sparse = candidates is not None
+        # from a warm start the candidate Newton's full first step overshoots (many
+        # experts: the active set moves with the fresh logits) and the line search accepts
+        # its half: start there (measured at E = 64; with few experts, dense Newton's full
+        # first step is usually accepted)
+        first_step = 0.5 if init is not None and sparse else 1.0
         if sparse:
-            x, it, nevals, stalled, GT, final, expansions = candidate_newton(
-                C, a, b, x0, *candidates, scope, gamma, kc, max_iter, tol)
+            x, it, nevals, stalled, (GTc, Jc), final, expansions = candidate_newton(
+                C, a, b, x0, *candidates, scope, gamma, kc, max_iter, tol, first_step=first_step)
         else:
             x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
-            GT = None
         used = "newton"
         need = stalled
         if solver == "auto" and bool(stalled.any()):
@@ -277,13 +282,16 @@ def sparse_ot_plan(
             ol, _, rl, _, _ = evaluate_newton(xl)
             noise = 8 * torch.finfo(on.dtype).eps * (on.abs() + 1)
             take = need & ((ol > on + noise) | ((ol >= on - noise) & (rl < rn)))
-            GT = positive_part(x)[0] if GT is None else GT
-            T = torch.where(take[..., None, None], plan_of(xl), GT / gamma)
+            T_newton = densify(GTc / gamma, Jc, m) if sparse else positive_part(x)[0] / gamma
+            T = torch.where(take[..., None, None], plan_of(xl), T_newton)
             x = [torch.where(take.unsqueeze(-1), u, v) for u, v in zip(xl, x)]
             stalled = torch.where(take, stalled_l, stalled)
             it, nevals, used = it + it2, nevals + nev2 + 2, "newton+lbfgs"
         else:
-            T = (positive_part(x)[0] if GT is None else GT) / gamma
+            # the candidate plan: T at the candidates (padded slots hold 0), dense T exactly
+            # (0 + v = v); its statistics below come from the candidates too
+            Tc = GTc / gamma if sparse else None
+            T = densify(Tc, Jc, m) if sparse else positive_part(x)[0] / gamma
         if sparse:
             info_extra = {"candidates": candidates[0].shape[-1], "candidate_expansions": expansions}
     else:
@@ -296,9 +304,14 @@ def sparse_ot_plan(
         T = T * _topk_rows(T, kr)[0]
         info["row_truncated_mass"] = float(scope.sum_((before - T.sum()).reshape(1)))
     per, res, ok = _finish(T, a, b, scope, tol)
-    nz = T > 0
-    cnt = scope.sum_(nz.sum(-2).to(torch.int64))
-    rows = nz.sum(-1).amax(-1, keepdim=True) if n else torch.zeros((*C.shape[:-2], 1), dtype=torch.int64)
+    if Tc is not None and not truncate_rows:  # no dense [n, m] boolean passes
+        nz = (Tc > 0).to(torch.int64)
+        cnt = scope.sum_(column_sums(nz, Jc, m))
+        rows = nz.sum(-1).amax(-1, keepdim=True)
+    else:
+        nz = T > 0
+        cnt = scope.sum_(nz.sum(-2).to(torch.int64))
+        rows = nz.sum(-1).amax(-1, keepdim=True) if n else torch.zeros((*C.shape[:-2], 1), dtype=torch.int64)
     rmax = scope.max_(rows.to(torch.int64))
     info.update(
         residuals=per,

@@ -70,3 +70,28 @@ def test_missed_candidates_expand_to_the_dense_solution(monkeypatch, hide):
         alone = sparse_ot_plan(scores=L[i], init=(None, bad[i]), **kw)
         assert torch.equal(alone.plan, got.plan[i])
     assert sparse_ot_plan(scores=L[1], init=(None, bad[1]), **kw).info["candidate_expansions"] == 0
+
+
+def test_warm_candidate_plan_statistics_are_the_dense_counts():
+    """From a warm start (first step at half length), at fp32 as the router solves: the
+    plan's support statistics, taken from the candidates, are the dense plan's counts,
+    and the cap holds."""
+    n, m, cap = 256, 32, 10
+    L = torch.stack([_problem(3), _problem(4)]).float()
+    kw = dict(gamma=0.1 * n, max_nz_col=cap, tol=1e-3, max_iter=100, solver="newton")
+    warm = sparse_ot_plan(scores=L, **kw).g
+    got = sparse_ot_plan(scores=L + 0.1 * torch.stack([_problem(5), _problem(6)]).float(), init=(None, warm), **kw)
+    assert got.info["candidates"] == 8
+    nz = got.plan > 0
+    assert got.info["nnz_col_max"] == int(nz.sum(-2).max()) <= cap
+    assert got.info["nnz_row_max"] == int(nz.sum(-1).max())
+    assert got.info["density"] == float(nz.sum()) / (2 * n * m)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cost_is_refused_in_local_scope(bad):
+    """The local-scope check is one sum of the cost; NaN, +inf and -inf entries all fail it."""
+    C = _problem(7).float()
+    C[3, 30] = bad
+    with pytest.raises(ValueError, match="cost contains NaN or inf"):
+        sparse_ot_plan(C, gamma=25.6, max_nz_col=10, tol=1e-3)
