@@ -16,13 +16,6 @@ ot = pytest.importorskip("ot")
 import ot.smooth  # noqa: E402
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster and immune to OMP stalls on shared CPUs."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 F64 = torch.float64
 SPEC_LOGITS = torch.tensor([[1.0, 0.8], [0.9, 0.1], [0.2, 1.0], [0.6, 0.5]], dtype=F64)

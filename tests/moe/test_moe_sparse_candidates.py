@@ -14,12 +14,6 @@ from distreg.moe.sparse_candidates import candidate_positive_topk, densify, thre
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, F64])
