@@ -60,3 +60,28 @@ def s3_endpoint():
 
     with moto_s3() as endpoint:
         yield endpoint
+
+
+def tiny_imagenet_shards(root, min_size: int, max_size: int) -> str:
+    """A tiny synthetic ImageNet (4 classes x 8 train images) converted to shards under
+    `root`; returns the train split's path (the CNN hook tests' data)."""
+    from distreg.data.imagenet_convert import convert_imagenet
+    from distreg.data.synth_imagenet import synth_imagenet
+
+    synth_imagenet(str(root / "src"), num_classes=4, train_per_class=8, val_per_class=2, min_size=min_size,
+                   max_size=max_size)
+    convert_imagenet(str(root / "src"), str(root / "shards"), shard_size=16, processes=1, log=lambda *_: None)
+    return str(root / "shards" / "train")
+
+
+def record_eval_losses(trainer) -> dict[int, float]:
+    """{step: eval/loss} of every evaluation the trainer runs from now on (keep_best tests)."""
+    history, run_logged = {}, trainer.evaluator.run_logged
+
+    def record(strategy, step, *args):
+        metrics = run_logged(strategy, step, *args)
+        history[step] = metrics["eval/loss"]
+        return metrics
+
+    trainer.evaluator.run_logged = record
+    return history

@@ -9,7 +9,7 @@ import threading
 
 from distreg.runtime import checkpoint as ckpt
 from distreg.testing import run_distributed
-from tests.conftest import tiny_config
+from tests.conftest import record_eval_losses, tiny_config
 
 CASES = {
     "fsdp2": {"strategy.name": "fsdp2"},
@@ -89,14 +89,7 @@ def test_async_saves_keep_the_best_checkpoint(token_data, tmp_path):
         "checkpoint.async": True, "checkpoint.keep_last": 1, "eval.path": token_data, "eval.every": 1,
         "eval.batch_size": 4, "eval.max_samples": 8, "checkpoint.keep_best": "{metric: eval/loss, mode: max}"})
     trainer = Trainer(cfg, Comm(), track=False)
-    history, run_logged = {}, trainer.evaluator.run_logged
-
-    def record(strategy, step, *args):
-        metrics = run_logged(strategy, step, *args)
-        history[step] = metrics["eval/loss"]
-        return metrics
-
-    trainer.evaluator.run_logged = record
+    history = record_eval_losses(trainer)
     trainer.fit()
     kept = {s: ckpt.load_torch(f"{p}/trainer.pt")["eval"]["eval/loss"] for s, p in ckpt.complete_checkpoints(cfg.checkpoint_dir)}
     best = max(history, key=lambda s: (history[s], -s))

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from distreg.runtime.loss import IGNORE_INDEX
 from distreg.testing import run_distributed
-from tests.conftest import tiny_config
+from tests.conftest import record_eval_losses, tiny_config
 
 VAL_WINDOWS = 101  # held-out samples: prime, so no world size 2 or 3 divides it
 SEQ = 32
@@ -115,14 +115,7 @@ def _train(data: str, val: str, run_dir: str) -> dict:
                                                    "checkpoint.keep_last": 1,
                                                    "checkpoint.keep_best": "{metric: eval/loss, mode: min}"})
     trainer = Trainer(cfg, Comm(), track=False)
-    history, run_logged = {}, trainer.evaluator.run_logged
-
-    def record(strategy, step, *args):
-        metrics = run_logged(strategy, step, *args)
-        history[step] = metrics["eval/loss"]
-        return metrics
-
-    trainer.evaluator.run_logged = record
+    history = record_eval_losses(trainer)
     result = trainer.fit()
     z = _cfg(data, val, f"{run_dir}/zero3", 2, **STRATEGIES["zero3"], **{"model.init_from": result.checkpoint,
                                                                         "hooks": "[]"})

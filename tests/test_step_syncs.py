@@ -67,6 +67,22 @@ def per_call(trainer, name: str, active, counts) -> list[tuple[int, int]]:
     return seen
 
 
+def untrack_data_and_optimizer(trainer, active) -> None:
+    """Host-side batch assembly is not the step's business; the CPU AdamW reads its step
+    counter (a host tensor) with .item(), the fused CUDA AdamW does not: neither counts."""
+    def untracked(fn):
+        def f(*a, **k):
+            active[0] = False
+            try:
+                return fn(*a, **k)
+            finally:
+                active[0] = True
+        return f
+
+    trainer.data.next_step = untracked(trainer.data.next_step)
+    trainer.strategy.optimizer.step = untracked(trainer.strategy.optimizer.step)
+
+
 def test_step_sync_count(token_data, tmp_path):
     from distreg.runtime.loss import known_counts, step_counts
     from distreg.runtime.mfu import model_flops_per_token
@@ -76,21 +92,9 @@ def test_step_sync_count(token_data, tmp_path):
         "scaling.num_workers": 1, "strategy.name": "ddp", "train.max_steps": 4, "train.log_every": 2,
         "train.grad_accum_steps": 2, "hooks": "[{name: param_norm}]", "train.peak_tflops": 0.001})
     trainer = Trainer(cfg, Comm(), track=False)
-    next_step, opt_step = trainer.data.next_step, trainer.strategy.optimizer.step
+    next_step = trainer.data.next_step
     with counting() as (counts, active):
-        def untracked(fn):
-            def f(*a, **k):
-                active[0] = False
-                try:
-                    return fn(*a, **k)
-                finally:
-                    active[0] = True
-            return f
-
-        # Host-side batch assembly is not the step's business; the CPU AdamW reads its
-        # step counter (a host tensor) with .item(), the fused CUDA AdamW does not.
-        trainer.data.next_step = untracked(next_step)
-        trainer.strategy.optimizer.step = untracked(opt_step)
+        untrack_data_and_optimizer(trainer, active)
         steps = per_call(trainer, "step_on_device", active, counts)
         logs = per_call(trainer, "_log", active, counts)
         result = trainer.fit()
@@ -138,19 +142,8 @@ def test_hook_step_sync_count(token_data, tmp_path):
         "hooks": "[{name: loss_reweighting, r: 0.5}, {name: z_loss_logit}, {name: collapse_monitor}, "
                  "{name: param_norm}]"})
     trainer = Trainer(cfg, Comm(), track=False)
-    next_step, opt_step = trainer.data.next_step, trainer.strategy.optimizer.step
     with counting() as (counts, active):
-        def untracked(fn):
-            def f(*a, **k):
-                active[0] = False
-                try:
-                    return fn(*a, **k)
-                finally:
-                    active[0] = True
-            return f
-
-        trainer.data.next_step = untracked(next_step)
-        trainer.strategy.optimizer.step = untracked(opt_step)
+        untrack_data_and_optimizer(trainer, active)
         steps = per_call(trainer, "step_on_device", active, counts)
         result = trainer.fit()
     method = METHOD_COLLECTIVES_PER_MICRO_BATCH * cfg.train.grad_accum_steps

@@ -21,6 +21,7 @@ from distreg.hooks.adv_style import AdvStyle
 from distreg.hooks.base import HookContext
 from distreg.regularizers.adv_style import keyed_normal, perturb
 from distreg.runtime.comm import Comm
+from tests.conftest import tiny_imagenet_shards
 
 
 class TinyCNN(nn.Module):
@@ -154,13 +155,7 @@ STRATEGIES = {
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from distreg.data.imagenet_convert import convert_imagenet
-    from distreg.data.synth_imagenet import synth_imagenet
-
-    root = tmp_path_factory.mktemp("advstyle_data")
-    synth_imagenet(str(root / "src"), num_classes=4, train_per_class=8, val_per_class=2, min_size=16, max_size=24)
-    convert_imagenet(str(root / "src"), str(root / "shards"), shard_size=16, processes=1, log=lambda *_: None)
-    return str(root / "shards" / "train")
+    return tiny_imagenet_shards(tmp_path_factory.mktemp("advstyle_data"), min_size=16, max_size=24)
 
 
 def run_config(data: str, run_dir: str, world: int, hook: dict = RUN_HOOK, lr: float = INV_LR, **extra):

@@ -21,6 +21,7 @@ from distreg.hooks.base import HookContext, LossTerms
 from distreg.hooks.fire_together import FireTogether, norm_name
 from distreg.runtime.comm import Comm
 from distreg.sparsity.fire_together import heat_scores, mask_bce, mass_targets
+from tests.conftest import tiny_imagenet_shards
 
 LAYERS = {"layer1.0.conv1": "relu", "layer1.0.conv2": "identity"}
 REQUIRED = dict(mass_threshold=0.9, pool="avg", softmax=True, apply_in_training=False)
@@ -153,14 +154,7 @@ STRATEGIES = {
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    """A tiny synthetic ImageNet (4 classes x 8 train images), converted to shards."""
-    from distreg.data.imagenet_convert import convert_imagenet
-    from distreg.data.synth_imagenet import synth_imagenet
-
-    root = tmp_path_factory.mktemp("ftwt_data")
-    synth_imagenet(str(root / "src"), num_classes=4, train_per_class=8, val_per_class=2, min_size=24, max_size=40)
-    convert_imagenet(str(root / "src"), str(root / "shards"), shard_size=16, processes=1, log=lambda *_: None)
-    return str(root / "shards" / "train")
+    return tiny_imagenet_shards(tmp_path_factory.mktemp("ftwt_data"), min_size=24, max_size=40)
 
 
 def run_config(data: str, run_dir: str, world: int, **extra):
