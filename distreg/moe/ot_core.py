@@ -47,6 +47,10 @@ class OTResult:
         (global sums; replicated).
     converged: ``residual < tol`` for every problem.
     info: solver-specific replicated diagnostics (per-problem residuals, sparsity, ...).
+    support: ``(values, experts)``, both ``[..., n, c]``, when the solver built the plan
+        from per-token candidate entries (sparse OT's candidate Newton): every nonzero of
+        row i is among ``plan[i, experts[i]] = values[i]`` (padded slots hold 0), so a
+        per-token top-k can be read there instead of over all ``m`` experts.
     """
 
     plan: Tensor
@@ -56,6 +60,7 @@ class OTResult:
     residual: float
     converged: bool
     info: dict[str, Any] = field(default_factory=dict)
+    support: tuple[Tensor, Tensor] | None = None
 
 
 # ----------------------------------------------------------------------------- scope

@@ -60,6 +60,7 @@ def _newton_dual_ascent(
     c1: float = 1e-4,
     patience: int = 1,
     J: Tensor | None = None,
+    col: Tensor | None = None,
     frozen: Tensor | None = None,
     first_step: float = 1.0,
 ):
@@ -68,7 +69,8 @@ def _newton_dual_ascent(
     ``evaluate(x)`` returns replicated ``(objective [...], [g_α, g_β], residual [...],
     active set W [..., n, m] as 0/1 floats (this rank's tokens), active entries per
     column c [..., m])``. With ``J [..., n, c]`` (expert of each candidate entry, see
-    `distreg.moe.sparse_candidates`) W is ``[..., n, c]`` over the candidates instead.
+    `distreg.moe.sparse_candidates`) W is ``[..., n, c]`` over the candidates instead,
+    and ``col`` their flat column ids (``problem · m + expert``).
     ``frozen [...]``: problems left as they are (already solved). ``first_step``: the
     first line search's initial length (0.5 from a warm start, see `sparse_ot_plan`).
     Returns ``(x, iterations, evaluations, stalled [...])``."""
@@ -93,7 +95,7 @@ def _newton_dual_ascent(
             lap_tok = (Mt * rinv.unsqueeze(-2)) @ M  # [..., m, m] = Mᵀ diag(1/r) M (this rank's tokens)
             q = (Mt @ u.unsqueeze(-1)).squeeze(-1)  # Mᵀ u
         else:
-            lap_tok, q = _candidate_laplacian(M, J, rinv, u, m)
+            lap_tok, q = _candidate_laplacian(M, J, col, rinv, u, m)
         buf = scope.sum_(torch.cat([lap_tok.flatten(-2), q], -1))
         lap = torch.diag_embed(cnt.clamp_min(1)) - buf[..., : m * m].unflatten(-1, (m, m))
         rhs = gamma * gb - buf[..., m * m:]
@@ -104,7 +106,7 @@ def _newton_dual_ascent(
         if J is None:
             Mdb = (M @ db.unsqueeze(-1)).squeeze(-1)
         else:
-            Mdb = (M * db.gather(-1, J.flatten(-2)).view_as(M)).sum(-1)
+            Mdb = (M * db.reshape(-1).index_select(0, col).view_as(M)).sum(-1)
         da = u - rinv * Mdb
         live = ~done
         da, db = _pick(live, da, torch.zeros_like(da)), _pick(live, db, torch.zeros_like(db))
@@ -148,25 +150,38 @@ def _newton_dual_ascent(
     return x, it, nevals, stalled
 
 
-def _candidate_laplacian(M: Tensor, J: Tensor, rinv: Tensor, u: Tensor, m: int):
+def _candidate_laplacian(M: Tensor, J: Tensor, col: Tensor, rinv: Tensor, u: Tensor, m: int):
     """``Mᵀ diag(1/r) M`` and ``Mᵀ u`` for an active set over candidate entries (``M``
-    [..., n, c] 0/1 at experts ``J``). Diagonal: a per-expert sum; off-diagonal: only
-    tokens with two or more active experts (a few percent when routing) contribute their
-    slot pairs, so no ``[n, m]`` matrix is formed."""
-    batch, (n, c) = M.shape[:-2], M.shape[-2:]
-    Jf = J.flatten(-2)
-    diag = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(
-        -1, Jf, (M * rinv.unsqueeze(-1)).flatten(-2))
-    q = torch.zeros((*batch, m), dtype=M.dtype, device=M.device).scatter_add_(-1, Jf, (M * u.unsqueeze(-1)).flatten(-2))
-    lap = torch.diag_embed(diag)
-    rows = (M.reshape(-1, c).sum(-1) >= 2).nonzero().squeeze(-1)  # over the batch's tokens
+    [..., n, c] 0/1 at experts ``J``, flat column ids ``col`` = ``problem · m + expert``).
+    Diagonal: a per-expert sum; off-diagonal: only tokens with two or more active experts
+    (a few percent when routing) contribute, one term per ordered pair of their active
+    entries — no ``[n, m]`` matrix and no ``[tokens, c, c]`` outer products. Their active
+    entries, listed token by token, pair with the entries ``d = 1 .. q−1`` places later
+    that belong to the same token (``q``: most active experts of a token). Every sum runs
+    in token order per problem: a problem gets the same bits alone or in a batch."""
+    problems = math.prod(M.shape[:-2])
+    c = M.shape[-1]
+    zeros = torch.zeros(problems * m, dtype=M.dtype, device=M.device)
+    q = zeros.clone().scatter_add_(0, col, (M * u.unsqueeze(-1)).reshape(-1)).view(u.shape[:-1] + (m,))
+    diag = zeros.scatter_add_(0, col, (M * rinv.unsqueeze(-1)).reshape(-1))
+    lap = torch.diag_embed(diag.view(u.shape[:-1] + (m,)))
+    flat_rinv = rinv.reshape(-1)
+    rows = (flat_rinv < 0.75).nonzero().squeeze(-1)  # r >= 2 (1/r <= 1/2) over the batch's tokens
     if rows.numel():
-        Ms, Js = M.reshape(-1, c)[rows], J.reshape(-1, c)[rows]
-        off = 1 - torch.eye(c, dtype=M.dtype, device=M.device)
-        w = Ms.unsqueeze(-1) * Ms.unsqueeze(-2) * off * rinv.reshape(-1)[rows][:, None, None]
-        at = (rows // n)[:, None, None] * (m * m) + Js.unsqueeze(-1) * m + Js.unsqueeze(-2)
-        lap = lap + torch.zeros(math.prod(batch) * m * m, dtype=M.dtype, device=M.device).scatter_add_(
-            0, at.flatten(), w.flatten()).view(*batch, m, m)
+        ent = M.reshape(-1, c).index_select(0, rows).reshape(-1).nonzero().squeeze(-1)
+        tok = ent // c  # which of `rows` each active entry belongs to
+        ecol = col.view(-1, c).index_select(0, rows).reshape(-1).index_select(0, ent)
+        w_tok = flat_rinv.index_select(0, rows)
+        w_ent = w_tok.index_select(0, tok)
+        most = int(torch.round(1 / w_tok.min()))
+        first = torch.cat([ecol[:-d] for d in range(1, most)])
+        second = torch.cat([ecol[d:] for d in range(1, most)])
+        w = torch.cat([(tok[d:] == tok[:-d]).to(M.dtype) * w_ent[d:] for d in range(1, most)])
+        # flat index into [problems, m, m]: (problem·m + j)·m + k; entries of different
+        # tokens get weight 0 (adding +0 changes no sum)
+        at = torch.cat([first * m + second % m, second * m + first % m])
+        off = torch.zeros(problems * m * m, dtype=M.dtype, device=M.device).scatter_add_(0, at, torch.cat([w, w]))
+        lap = lap + off.view(lap.shape)
     return lap, q
 
 

@@ -17,7 +17,7 @@ from distreg.moe.ot_select import (
     _topk_rows,
     sparse_simplex_projection,
 )
-from distreg.moe.sparse_candidates import candidate_newton, column_sums, densify, threshold_candidates
+from distreg.moe.sparse_candidates import candidate_newton, column_sums, densify, row_candidates
 from distreg.moe.sparse_newton import _newton_dual_ascent
 
 # candidate experts per token of the local-scope Newton (`sparse_candidates`): its
@@ -147,7 +147,7 @@ def sparse_ot_plan(
         U = (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
         nonlocal candidates
         if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
-            top, J = torch.topk(U, _CANDIDATES, dim=-1)  # is usually far smaller (else: full sort)
+            top, J = row_candidates(U, _CANDIDATES)  # is usually far smaller (else: full sort)
             candidates = (J, torch.ones_like(J, dtype=torch.bool))
             theta = _simplex_theta(top, -1)
             if bool((top[..., -1:] > theta).any()):
@@ -321,4 +321,5 @@ def sparse_ot_plan(
     )
     f = x[0] if formulation == "dual" or axis == "col" else None
     g = x[1] if formulation == "dual" else (x[0] if axis != "col" else None)
-    return OTResult(T, f, g, it, res, ok, info)
+    support = (Tc, Jc) if Tc is not None and not truncate_rows else None
+    return OTResult(T, f, g, it, res, ok, info, support)
