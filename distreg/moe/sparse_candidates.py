@@ -36,35 +36,41 @@ from distreg.moe.sparse_newton import _newton_dual_ascent
 _ROUND_STEPS = 20
 
 
-def row_candidates(U: Tensor, c: int) -> tuple[Tensor, Tensor]:
+def row_candidates(U: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's ``c`` largest entries of ``U [..., n, m]``: ``(values [..., n, c], experts
-    J [..., n, c])``, values in descending order up to near-ties (see below).
+    J [..., n, c], rest [..., n])``, values in descending order up to near-ties (see
+    below); ``rest`` is an upper bound of every other entry of the row (−inf if none).
 
     On CPU ``torch.topk`` over many short rows costs ~0.75 µs a row (3 ms for 4096 × 64,
-    k = 8: more than the whole top-k router), so there ``c`` rounds of a row maximum pick
-    them instead: each entry's float bits keep all but their lowest ``⌈log2 m⌉`` mantissa
-    bits and carry the column index there, so every key in a row is distinct and its
-    maximum names its column; that entry is then set to −inf (a scatter of one value per
-    row). Order is exact except between values within ``2^(⌈log2 m⌉−23)`` relative of
-    each other; the values returned are ``U``'s own. The candidate Newton only needs a
-    good set (its dense check widens a wrong one), and the row fit only a start. ±inf
-    entries are ranked as the largest finite values (the key of an inf would be a NaN).
-    Other devices, or rows too long for the key: ``torch.topk``."""
+    k = 8: more than the whole top-k router), so there ``c + 1`` rounds of a row maximum
+    pick them instead: each entry's float bits keep all but their lowest ``b = ⌈log2 m⌉``
+    mantissa bits and carry the column index there, so every key in a row is distinct and
+    its maximum names its column; that entry is then set to −inf (a scatter of one value
+    per row). Order is exact except between values within ``2^(b−23)`` relative of each
+    other (so ``rest`` adds that margin); the values returned are ``U``'s own. The
+    candidate Newton only needs a good set (its check widens a wrong one), and the row
+    fit only a start. ±inf entries are ranked as the largest finite values (the key of an
+    inf would be a NaN). Other devices, or rows too long for the key: ``torch.topk``."""
     m = U.shape[-1]
     bits = max(1, (m - 1).bit_length())
     if U.device.type != "cpu" or U.dtype != torch.float32 or bits > 12 or c >= m:
-        top, J = torch.topk(U, min(c, m), dim=-1)
-        return top, J
+        top, J = torch.topk(U, min(c + 1, m), dim=-1)
+        if c >= m:
+            return top, J, torch.full_like(top[..., 0], -math.inf)
+        return top[..., :c], J[..., :c], top[..., c]
     low = (1 << bits) - 1
     big = torch.finfo(U.dtype).max
     keys = U.clamp(-big, big).view(torch.int32).bitwise_and_(~low)
     keys = keys.bitwise_or_(torch.arange(m, dtype=torch.int32, device=U.device)).view(torch.float32)
-    picked = torch.empty((c, *U.shape[:-1], 1), dtype=U.dtype, device=U.device)
-    for s in range(c):
+    picked = torch.empty((c + 1, *U.shape[:-1], 1), dtype=U.dtype, device=U.device)
+    for s in range(c + 1):
         top = torch.amax(keys, -1, keepdim=True, out=picked[s])
-        keys.scatter_(-1, top.view(torch.int32).bitwise_and(low).long(), -math.inf)
+        if s < c:
+            keys.scatter_(-1, top.view(torch.int32).bitwise_and(low).long(), -math.inf)
     J = picked.view(torch.int32).bitwise_and_(low).long().squeeze(-1).movedim(0, -1)
-    return U.gather(-1, J), J
+    values = U.gather(-1, J)
+    nxt = values[..., c]
+    return values[..., :c], J[..., :c].contiguous(), nxt + nxt.abs() * 2.0 ** (bits - 22)
 
 
 def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | None = None):
@@ -170,14 +176,19 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
 
 
 def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
-                     gamma: float, kc: int | None, max_iter: int, tol: float, first_step: float = 1.0):
+                     gamma: float, kc: int | None, max_iter: int, tol: float, first_step: float = 1.0,
+                     rest: Tensor | None = None):
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
     +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
     on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
     ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
     (γT at the candidates [..., n, c], their experts J), (objective, residual) at x,
-    expansions)``; :func:`densify` makes the dense matrix."""
+    expansions)``; :func:`densify` makes the dense matrix.
+
+    ``rest [..., n]``: an upper bound of ``β0_j − C_ij`` over each token's experts outside
+    the first ``J`` (``β0 = x0[1]``; :func:`row_candidates`). The first check then
+    computes only the tokens it does not clear (see :func:`_missed_outside`)."""
     m = C.shape[-1]
     batch = C.shape[:-2]
     frozen = torch.zeros(batch, dtype=torch.bool, device=C.device)
@@ -217,13 +228,16 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         # one dense pass: a positive X outside the candidates means the set was too small
         # (X with the real candidate slots masked to −inf, then its row maxima; candidate
         # entries are computed by the same operations, so X and Xc agree bit for bit)
-        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
         obj, _, res, _, _ = evaluate(x)
-        if bool(valid.all()):
-            outside = X.scatter_(-1, J, -math.inf)
-        else:  # padded slots (expert 0) leave their entry as it is
-            outside = X.scatter_reduce_(-1, J, torch.full_like(Cc, math.inf).masked_fill_(valid, -math.inf), "amin")
-        missed = (outside.amax(-1) > 0).any(-1)
+        if rest is not None and expansions == 0:
+            missed = _missed_outside(C, x, x0[1], J, rest)
+        else:
+            X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
+            if bool(valid.all()):
+                outside = X.scatter_(-1, J, -math.inf)
+            else:  # padded slots (expert 0) leave their entry as it is
+                outside = X.scatter_reduce_(-1, J, torch.full_like(Cc, math.inf).masked_fill_(valid, -math.inf), "amin")
+            missed = (outside.amax(-1) > 0).any(-1)
         # a stall or an unfinished round far from tol may be the candidates' doing too (a
         # token without the alternative the optimum reroutes it to): solved again, from x0
         lost = ~frozen & (res >= 10 * tol)
@@ -241,3 +255,25 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
             valid = torch.ones_like(J, dtype=torch.bool)
         else:  # every positive entry, and those within 2·γa_i below zero
             J, valid = threshold_candidates(X, 0.0, width, floor=(-2 * gamma * a).unsqueeze(-1))
+
+
+def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: Tensor) -> Tensor:
+    """Per problem: does a token have a positive ``X_ij = (α_i + β_j) − C_ij`` at an
+    expert outside its candidates ``J`` (all real slots)? Outside ``J``,
+    ``β0_j − C_ij <= rest_i``, and β rose by at most ``shift = max_j (β_j − β0_j)``, so
+    ``X_ij <= α_i + shift + rest_i``: tokens whose bound is below zero by more than
+    fp32 round-off of the terms (1e-5 of their magnitude, hundreds of ulps) are cleared
+    without computing their row; the others (none to a few per call at E = 64) get the
+    exact row, computed by the same operations as the dense check, so with the same bits."""
+    n, m = C.shape[-2:]
+    shift = (x[1] - beta0).amax(-1, keepdim=True)
+    size = x[0].abs() + shift.abs() + beta0.abs().amax(-1, keepdim=True) + x[1].abs().amax(-1, keepdim=True)
+    size = size + torch.maximum(C.amax(-1), -C.amin(-1))
+    rows = (x[0] + shift + rest + 1e-5 * size > 0).reshape(-1).nonzero().squeeze(-1)
+    missed = torch.zeros(math.prod(C.shape[:-2]), dtype=torch.bool, device=C.device)
+    if rows.numel():
+        problem = rows // n
+        X = (x[0].reshape(-1).index_select(0, rows).unsqueeze(-1) + x[1].reshape(-1, m).index_select(0, problem))
+        X = X.sub_(C.reshape(-1, m).index_select(0, rows)).scatter_(-1, J.reshape(-1, J.shape[-1]).index_select(0, rows), -math.inf)
+        missed.index_fill_(0, problem[X.amax(-1) > 0], True)
+    return missed.view(C.shape[:-2])

@@ -46,6 +46,8 @@ from distreg.moe.ot_core import _Scope
 
 # initial Levenberg-Marquardt damping, relative to each expert's active-token count
 _RIDGE = 3e-2
+# a step gaining less than this share of its slope·t crossed a kink (a quadratic gains ~½)
+_KINK_GAIN = 0.35
 
 
 def _newton_dual_ascent(
@@ -79,16 +81,19 @@ def _newton_dual_ascent(
     done = res < tol if frozen is None else (res < tol) | frozen
     stalled = torch.zeros_like(done)
     best, best_obj = res.clone(), obj.clone()
-    idle = torch.zeros_like(res, dtype=torch.int64)
+    idle = torch.zeros_like(res)
     ftol = 0.1 * math.sqrt(fin)
     m = x[1].shape[-1]
     ones = torch.full((m, m), 1.0 / m, dtype=obj.dtype, device=obj.device)
     it, nevals = 0, 1
     mu = torch.full_like(obj, _RIDGE)  # Levenberg-Marquardt damping per problem
+    # per-problem decisions are boolean tensors; `_pick` takes a whole-batch shortcut, so
+    # one problem (the routing norm) pays a host read per decision, not a masked select
     while it < max_iter and not bool(done.all()):
         it += 1
         ga, gb = grad
-        rinv = 1.0 / M.sum(-1).clamp_min(1)  # [..., n] curvature 1 for tokens with no active entry
+        cnt1 = cnt.clamp_min(1)
+        rinv = M.sum(-1).clamp_min_(1).reciprocal_()  # [..., n] curvature 1 for tokens with no active entry
         u = gamma * ga * rinv
         if J is None:
             Mt = M.transpose(-1, -2)
@@ -97,11 +102,11 @@ def _newton_dual_ascent(
         else:
             lap_tok, q = _candidate_laplacian(M, J, col, rinv, u, m)
         buf = scope.sum_(torch.cat([lap_tok.flatten(-2), q], -1))
-        lap = torch.diag_embed(cnt.clamp_min(1)) - buf[..., : m * m].unflatten(-1, (m, m))
+        lap = torch.diag_embed(cnt1) - buf[..., : m * m].unflatten(-1, (m, m))
         rhs = gamma * gb - buf[..., m * m:]
-        scale = torch.diagonal(lap, dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)[..., None, None]
+        scale = torch.diagonal(lap, dim1=-2, dim2=-1).mean(-1).clamp_min(1.0)
         rhs = rhs - rhs.mean(-1, keepdim=True)
-        H = lap + scale * ones + mu[..., None, None] * torch.diag_embed(cnt.clamp_min(1))
+        H = lap + scale[..., None, None] * ones + torch.diag_embed(mu.unsqueeze(-1) * cnt1)
         db = torch.linalg.solve(H, rhs.unsqueeze(-1)).squeeze(-1)
         if J is None:
             Mdb = (M @ db.unsqueeze(-1)).squeeze(-1)
@@ -114,75 +119,99 @@ def _newton_dual_ascent(
         bad = live & (slope <= 0)  # not an ascent direction (round-off): scaled gradient
         if bool(bad.any()):
             da = torch.where(bad.unsqueeze(-1), u, da)
-            db = torch.where(bad.unsqueeze(-1), gamma * gb / cnt.clamp_min(1), db)
+            db = torch.where(bad.unsqueeze(-1), gamma * gb / cnt1, db)
             slope = torch.where(bad, scope.sum_((ga * da).sum(-1).clone()) + (gb * db).sum(-1), slope)
-        noise = 8 * fin * (obj.abs() + 1)
+        floor = obj - 8 * fin * (obj.abs() + 1)  # round-off below the objective
+        gain = c1 * slope
         t0 = first_step if it == 1 else 1.0
         t = torch.full_like(obj, t0)
         acc = done.clone()
-        nx, no, ng, nr, nM, nc = list(x), obj, list(grad), res, M, cnt
+        new = (list(x), obj, list(grad), res, M, cnt)
         # the first step from the start may need deep backtracking (a far start, empty
         # experts); later, a step rejected 8 times over is a kink: stop rather than search
         for _ in range(max_ls if it == 1 else max_ls_later):
-            xt = [x[0] + t.unsqueeze(-1) * da, x[1] + t.unsqueeze(-1) * db]
+            tc = t.unsqueeze(-1)
+            xt = [x[0] + tc * da, x[1] + tc * db]
             o, g, rs, Wt, ct = evaluate(xt)
             nevals += 1
-            ok = ((o >= obj + c1 * t * slope) | ((o >= obj - noise) & (rs < res))) & ~acc
-            nx = [_pick(ok, a_, b_) for a_, b_ in zip(xt, nx)]
-            ng = [_pick(ok, a_, b_) for a_, b_ in zip(g, ng)]
-            no, nr, nc, nM = _pick(ok, o, no), _pick(ok, rs, nr), _pick(ok, ct, nc), _pick(ok, Wt, nM)
+            ok = ((o >= obj + gain * t) | ((o >= floor) & (rs < res))) & ~acc
+            new = _pick_all(ok, (xt, o, g, rs, Wt, ct), new)
             acc |= ok
             if bool(acc.all()):
                 break
             t = torch.where(acc, t, t / 2)
+        nx, no, ng, nr, nM, nc = new
         failed = ~acc  # no acceptable step: a kink the direction cannot pass
         mu = torch.where(t == t0, (mu / 4).clamp_min(1e-6), (mu * 4).clamp_max(1.0))
         better = (nr < 0.5 * best) | (no > best_obj + ftol * (best_obj.abs() + 1))
+        # on one active set the dual is quadratic and a Newton step of length t gains
+        # (t − t²/2)·slope (half the slope at t = 1); far less means the step crossed a
+        # kink of the capped conjugate
+        kinked = (no - obj) < _KINK_GAIN * slope * t
         x, obj, grad, res, M, cnt = nx, no, ng, nr, nM, nc
         best = torch.where(better, torch.minimum(res, best), best)
         best_obj = torch.where(better, torch.maximum(obj, best_obj), best_obj)
-        idle = torch.where(better, torch.zeros_like(idle), idle + 1)
-        # close to the tolerance one idle step marks the kink floor; far from it, a few
+        idle = (idle + 1).masked_fill_(better, 0)
+        # close to the tolerance one idle step marks the kink floor, and so does a kinked
+        # step (the next would be idle: measured at E = 64, it saves that confirming
+        # step); far from it, a few idle steps
+        converged = res < tol
         near = res < 10 * tol
-        stop = ~done & (failed | (idle >= torch.where(near, patience, 3 * patience)))
-        stalled |= stop & ~(res < tol)
-        done |= (res < tol) | stop
+        patient = torch.where(near, patience, 3 * patience)
+        stop = ~done & (failed | (idle >= patient) | (near & kinked))
+        stalled |= stop & ~converged
+        done |= converged | stop
     return x, it, nevals, stalled
 
 
 def _candidate_laplacian(M: Tensor, J: Tensor, col: Tensor, rinv: Tensor, u: Tensor, m: int):
     """``Mᵀ diag(1/r) M`` and ``Mᵀ u`` for an active set over candidate entries (``M``
     [..., n, c] 0/1 at experts ``J``, flat column ids ``col`` = ``problem · m + expert``).
-    Diagonal: a per-expert sum; off-diagonal: only tokens with two or more active experts
-    (a few percent when routing) contribute, one term per ordered pair of their active
-    entries — no ``[n, m]`` matrix and no ``[tokens, c, c]`` outer products. Their active
-    entries, listed token by token, pair with the entries ``d = 1 .. q−1`` places later
-    that belong to the same token (``q``: most active experts of a token). Every sum runs
-    in token order per problem: a problem gets the same bits alone or in a batch."""
-    problems = math.prod(M.shape[:-2])
-    c = M.shape[-1]
-    zeros = torch.zeros(problems * m, dtype=M.dtype, device=M.device)
-    q = zeros.clone().scatter_add_(0, col, (M * u.unsqueeze(-1)).reshape(-1)).view(u.shape[:-1] + (m,))
-    diag = zeros.scatter_add_(0, col, (M * rinv.unsqueeze(-1)).reshape(-1))
-    lap = torch.diag_embed(diag.view(u.shape[:-1] + (m,)))
+    Tokens with one active expert (``1/r = 1``) only add to the diagonal: one scatter.
+    Those with two or more (a few percent when routing) make the rows of
+    ``D = diag(1/r)^½ M`` (``[R, m]``, dense), and ``Dᵀ D`` holds their diagonal and
+    off-diagonal terms: one GEMM per problem, on that problem's rows in token order, so a
+    problem gets the same bits alone or in a batch. A handful of operations: on CPU their
+    count, not their arithmetic, is the cost."""
+    batch, (n, c) = M.shape[:-2], M.shape[-2:]
+    problems = math.prod(batch)
+    q = torch.zeros(problems * m, dtype=M.dtype, device=M.device).scatter_add_(
+        0, col, (M * u.unsqueeze(-1)).reshape(-1))
+    single = (2 * rinv - 1).clamp_min_(0)  # 1 where 1/r = 1, 0 where r >= 2
+    diag = torch.zeros(problems * m, dtype=M.dtype, device=M.device).scatter_add_(
+        0, col, (M * single.unsqueeze(-1)).reshape(-1))
+    lap = torch.diag_embed(diag.view(*batch, m))
     flat_rinv = rinv.reshape(-1)
-    rows = (flat_rinv < 0.75).nonzero().squeeze(-1)  # r >= 2 (1/r <= 1/2) over the batch's tokens
+    rows = (flat_rinv < 0.75).nonzero().squeeze(-1)  # r >= 2 over the batch's tokens
     if rows.numel():
-        ent = M.reshape(-1, c).index_select(0, rows).reshape(-1).nonzero().squeeze(-1)
-        tok = ent // c  # which of `rows` each active entry belongs to
-        ecol = col.view(-1, c).index_select(0, rows).reshape(-1).index_select(0, ent)
-        w_tok = flat_rinv.index_select(0, rows)
-        w_ent = w_tok.index_select(0, tok)
-        most = int(torch.round(1 / w_tok.min()))
-        first = torch.cat([ecol[:-d] for d in range(1, most)])
-        second = torch.cat([ecol[d:] for d in range(1, most)])
-        w = torch.cat([(tok[d:] == tok[:-d]).to(M.dtype) * w_ent[d:] for d in range(1, most)])
-        # flat index into [problems, m, m]: (problem·m + j)·m + k; entries of different
-        # tokens get weight 0 (adding +0 changes no sum)
-        at = torch.cat([first * m + second % m, second * m + first % m])
-        off = torch.zeros(problems * m * m, dtype=M.dtype, device=M.device).scatter_add_(0, at, torch.cat([w, w]))
-        lap = lap + off.view(lap.shape)
-    return lap, q
+        Ms = M.reshape(-1, c).index_select(0, rows).mul_(flat_rinv.index_select(0, rows).sqrt_().unsqueeze(-1))
+        D = torch.zeros((rows.numel(), m), dtype=M.dtype, device=M.device).scatter_add_(
+            1, J.reshape(-1, c).index_select(0, rows), Ms)
+        if problems == 1:
+            lap = lap + (D.t() @ D).view_as(lap)
+        else:
+            lap = lap.reshape(problems, m, m)
+            bounds = torch.searchsorted(rows, torch.arange(problems + 1, device=M.device) * n).tolist()
+            for p, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+                if hi > lo:
+                    lap[p] += D[lo:hi].t() @ D[lo:hi]
+            lap = lap.view(*batch, m, m)
+    return lap, q.view(*batch, m)
+
+
+def _pick_all(ok: Tensor, new, old):
+    """:func:`_pick` over matching nests of tensors / lists (one host read for all)."""
+    if bool(ok.all()):
+        return new
+    if not bool(ok.any()):
+        return old
+    return _where_nest(ok, new, old)
+
+
+def _where_nest(ok: Tensor, new, old):
+    if isinstance(new, (list, tuple)):
+        return type(new)(_where_nest(ok, a, b) for a, b in zip(new, old))
+    return torch.where(ok.view(*ok.shape, *([1] * (new.dim() - ok.dim()))), new, old)
 
 
 def _pick(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:

@@ -137,7 +137,7 @@ def sparse_ot_plan(
         """Inverse-curvature estimate γ / #active entries (L-BFGS initial Hessian)."""
         return gamma / count.clamp_min(1)
 
-    candidates = None  # (J, valid) [..., n, c]: experts per token for the candidate Newton
+    candidates = None  # (J, valid [..., n, c], rest [..., n]): experts per token for the candidate Newton
 
     def row_fit(beta):
         """α with every row's unconstrained plan [α_i + β_j − C_ij]₊/γ summing to a_i: the
@@ -147,8 +147,9 @@ def sparse_ot_plan(
         U = (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
         nonlocal candidates
         if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
-            top, J = row_candidates(U, _CANDIDATES)  # is usually far smaller (else: full sort)
-            candidates = (J, torch.ones_like(J, dtype=torch.bool))
+            top, J, rest = row_candidates(U, _CANDIDATES)  # is usually far smaller (else: full sort)
+            # rest: bound of the others, in cost units for the check (`_missed_outside`)
+            candidates = (J, torch.ones_like(J, dtype=torch.bool), rest * (gamma * a))
             theta = _simplex_theta(top, -1)
             if bool((top[..., -1:] > theta).any()):
                 theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
@@ -261,8 +262,9 @@ def sparse_ot_plan(
         # first step is usually accepted)
         first_step = 0.5 if init is not None and sparse else 1.0
         if sparse:
+            J0, valid0, rest = candidates
             x, it, nevals, stalled, (GTc, Jc), final, expansions = candidate_newton(
-                C, a, b, x0, *candidates, scope, gamma, kc, max_iter, tol, first_step=first_step)
+                C, a, b, x0, J0, valid0, scope, gamma, kc, max_iter, tol, first_step=first_step, rest=rest)
         else:
             x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
         used = "newton"
