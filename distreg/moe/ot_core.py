@@ -31,14 +31,30 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["OTResult", "marginal_residual"]
+__all__ = ["OTResult", "SparsePlan", "marginal_residual"]
+
+
+@dataclass(frozen=True)
+class SparsePlan:
+    """A plan given by ``c`` entries per token: ``values [..., n, c]`` at experts
+    ``experts [..., n, c]`` (padded slots hold 0), zero elsewhere."""
+
+    values: Tensor
+    experts: Tensor
+    num_experts: int
+
+    def dense(self) -> Tensor:
+        out = torch.zeros((*self.values.shape[:-1], self.num_experts), dtype=self.values.dtype,
+                          device=self.values.device)
+        return out.scatter_add_(-1, self.experts, self.values)  # padded slots add 0
 
 
 @dataclass
 class OTResult:
     """Solution of one batched OT solve.
 
-    plan: ``[..., n, m]`` transport plan (global scope: this rank's token rows).
+    plan: ``[..., n, m]`` transport plan (global scope: this rank's token rows); built on
+        first access from ``support`` when the solver produced it sparse.
     f, g: row / column dual potentials (``None`` for the one a semi-dual eliminates);
         ``g`` is replicated in global scope.
     iterations: solver iterations run (identical on every rank; for SNS warm-up +
@@ -47,20 +63,27 @@ class OTResult:
         (global sums; replicated).
     converged: ``residual < tol`` for every problem.
     info: solver-specific replicated diagnostics (per-problem residuals, sparsity, ...).
-    support: ``(values, experts)``, both ``[..., n, c]``, when the solver built the plan
-        from per-token candidate entries (sparse OT's candidate Newton): every nonzero of
-        row i is among ``plan[i, experts[i]] = values[i]`` (padded slots hold 0), so a
-        per-token top-k can be read there instead of over all ``m`` experts.
+    support: a :class:`SparsePlan` equal to the plan, when the solver built it from
+        per-token candidate entries (sparse OT's candidate Newton): a per-token top-k is
+        read there instead of over all ``m`` experts, and the dense ``[n, m]`` matrix is
+        only formed if ``plan`` is read (on CPU a fresh ``[n, m]`` buffer costs more than
+        the rest of the router's bookkeeping).
     """
 
-    plan: Tensor
+    dense_plan: Tensor | None
     f: Tensor | None
     g: Tensor | None
     iterations: int
     residual: float
     converged: bool
     info: dict[str, Any] = field(default_factory=dict)
-    support: tuple[Tensor, Tensor] | None = None
+    support: SparsePlan | None = None
+
+    @property
+    def plan(self) -> Tensor:
+        if self.dense_plan is None:
+            self.dense_plan = self.support.dense()
+        return self.dense_plan
 
 
 # ----------------------------------------------------------------------------- scope
@@ -143,8 +166,14 @@ def _setup(cost, scores, a, b, comm, dtype, check_finite=True):
 
 def _finish(plan, a, b, scope, tol):
     """Replicated marginal residual ‖P1 − a‖₁ + ‖Pᵀ1 − b‖₁ per problem (one all-reduce)."""
-    row = (plan.sum(-1) - a).abs().sum(-1, keepdim=True)
-    buf = scope.sum_(torch.cat([plan.sum(-2), row], -1))
+    return _finish_sums(plan.sum(-1), plan.sum(-2), a, b, scope, tol)
+
+
+def _finish_sums(rows, cols, a, b, scope, tol):
+    """:func:`_finish` from the plan's row sums ``[..., n]`` and this rank's column sums
+    ``[..., m]`` (a sparse plan's, without forming it)."""
+    row = (rows - a).abs().sum(-1, keepdim=True)
+    buf = scope.sum_(torch.cat([cols, row], -1))
     per = (buf[..., :-1] - b).abs().sum(-1) + buf[..., -1]
     res = float(per.max()) if per.numel() else 0.0
     return per, res, bool((per < tol).all())

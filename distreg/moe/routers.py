@@ -299,12 +299,12 @@ def ot_router(
                                  comm=scope_comm, dtype=dtype, **kw)
         else:
             raise ValueError(f"unknown method {method!r}")
-    if res.support is not None and k <= res.support[0].shape[-1]:
+    if res.support is not None and k <= res.support.values.shape[-1]:
         # the plan's nonzeros lie among each token's candidates: its top-k read there
         # ([n, c] instead of [n, m]; on CPU a dense top-1 over 64 experts costs ~0.4 ms)
-        cand, experts = res.support
+        cand = res.support.values
         val, slot = cand.max(-1, keepdim=True) if k == 1 else cand.topk(k, dim=-1)
-        idx = experts.gather(-1, slot)
+        idx = res.support.experts.gather(-1, slot)
     else:
         val, idx = res.plan.topk(k, dim=-1)
     idx = torch.where(val > 0, idx, torch.full_like(idx, -1))

@@ -38,19 +38,21 @@ _ROUND_STEPS = 20
 
 def row_candidates(U: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
     """Each row's ``c`` largest entries of ``U [..., n, m]``: ``(values [..., n, c], experts
-    J [..., n, c], rest [..., n])``, values in descending order up to near-ties (see
-    below); ``rest`` is an upper bound of every other entry of the row (−inf if none).
+    J [..., n, c], rest [..., n])``, in descending order up to near-ties (see below);
+    ``rest`` is an upper bound of every other entry of the row (−inf if none). ``U`` is
+    the caller's scratch: it may be overwritten.
 
     On CPU ``torch.topk`` over many short rows costs ~0.75 µs a row (3 ms for 4096 × 64,
     k = 8: more than the whole top-k router), so there ``c + 1`` rounds of a row maximum
-    pick them instead: each entry's float bits keep all but their lowest ``b = ⌈log2 m⌉``
-    mantissa bits and carry the column index there, so every key in a row is distinct and
-    its maximum names its column; that entry is then set to −inf (a scatter of one value
-    per row). Order is exact except between values within ``2^(b−23)`` relative of each
-    other (so ``rest`` adds that margin); the values returned are ``U``'s own. The
-    candidate Newton only needs a good set (its check widens a wrong one), and the row
-    fit only a start. ±inf entries are ranked as the largest finite values (the key of an
-    inf would be a NaN). Other devices, or rows too long for the key: ``torch.topk``."""
+    pick them instead, in ``U``'s own buffer (a fresh ``[n, m]`` buffer costs as much as
+    the search): each entry's float bits keep all but their lowest ``b = ⌈log2 m⌉``
+    mantissa bits and carry the column index there, so every key in a row is distinct
+    and its maximum names its column; that entry is then set to −inf (a scatter of one
+    value per row). Values and order are exact up to ``2^(b−23)`` relative (``rest`` adds
+    that margin): the candidate Newton only needs a good set (its check widens a wrong
+    one), and the row fit only a start. ±inf entries are ranked as the largest finite
+    values (the key of an inf would be a NaN). Other devices, or rows too long for the
+    key: ``torch.topk``, exact."""
     m = U.shape[-1]
     bits = max(1, (m - 1).bit_length())
     if U.device.type != "cpu" or U.dtype != torch.float32 or bits > 12 or c >= m:
@@ -60,17 +62,17 @@ def row_candidates(U: Tensor, c: int) -> tuple[Tensor, Tensor, Tensor]:
         return top[..., :c], J[..., :c], top[..., c]
     low = (1 << bits) - 1
     big = torch.finfo(U.dtype).max
-    keys = U.clamp(-big, big).view(torch.int32).bitwise_and_(~low)
+    keys = U.clamp_(-big, big).view(torch.int32).bitwise_and_(~low)
     keys = keys.bitwise_or_(torch.arange(m, dtype=torch.int32, device=U.device)).view(torch.float32)
     picked = torch.empty((c + 1, *U.shape[:-1], 1), dtype=U.dtype, device=U.device)
     for s in range(c + 1):
         top = torch.amax(keys, -1, keepdim=True, out=picked[s])
         if s < c:
             keys.scatter_(-1, top.view(torch.int32).bitwise_and(low).long(), -math.inf)
-    J = picked.view(torch.int32).bitwise_and_(low).long().squeeze(-1).movedim(0, -1)
-    values = U.gather(-1, J)
-    nxt = values[..., c]
-    return values[..., :c], J[..., :c].contiguous(), nxt + nxt.abs() * 2.0 ** (bits - 22)
+    picked = picked.squeeze(-1).movedim(0, -1)  # [..., n, c + 1] keys, descending
+    J = picked.view(torch.int32).bitwise_and(low).long()
+    nxt = picked[..., c]
+    return picked[..., :c], J[..., :c].contiguous(), nxt + nxt.abs() * 2.0 ** (bits - 22)
 
 
 def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | None = None):

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from distreg.moe.lbfgs import _lbfgs_ascent
-from distreg.moe.ot_core import OTResult, _finish, _setup
+from distreg.moe.ot_core import OTResult, SparsePlan, _finish, _finish_sums, _setup
 from distreg.moe.ot_select import (
     _positive_topk_mask,
     _positive_topk_weights,
@@ -144,15 +144,18 @@ def sparse_ot_plan(
         exact row block-maximiser for the given β, a far better start than α = 0. The
         simplex threshold needs each row's support only: from its top 8 values when the
         support is smaller than that (the usual routing case), else from a full sort."""
-        U = (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
+        def scaled():
+            return (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
+
+        U = scaled()
         nonlocal candidates
         if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
             top, J, rest = row_candidates(U, _CANDIDATES)  # is usually far smaller (else: full sort)
             # rest: bound of the others, in cost units for the check (`_missed_outside`)
             candidates = (J, torch.ones_like(J, dtype=torch.bool), rest * (gamma * a))
             theta = _simplex_theta(top, -1)
-            if bool((top[..., -1:] > theta).any()):
-                theta = _simplex_theta(torch.sort(U, dim=-1, descending=True).values, -1)
+            if bool((top[..., -1:] > theta).any()):  # (row_candidates overwrote U)
+                theta = _simplex_theta(torch.sort(scaled(), dim=-1, descending=True).values, -1)
             return -gamma * a * theta.squeeze(-1)
         kk = min(m, 8)
         top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
@@ -289,11 +292,14 @@ def sparse_ot_plan(
             x = [torch.where(take.unsqueeze(-1), u, v) for u, v in zip(xl, x)]
             stalled = torch.where(take, stalled_l, stalled)
             it, nevals, used = it + it2, nevals + nev2 + 2, "newton+lbfgs"
+        elif sparse:
+            # the candidate plan: T at the candidates (padded slots hold 0); the dense T
+            # (exactly: 0 + v = v) only if asked for. Its statistics below come from the
+            # candidates too
+            Tc = GTc / gamma
+            T = densify(Tc, Jc, m) if truncate_rows else None
         else:
-            # the candidate plan: T at the candidates (padded slots hold 0), dense T exactly
-            # (0 + v = v); its statistics below come from the candidates too
-            Tc = GTc / gamma if sparse else None
-            T = densify(Tc, Jc, m) if sparse else positive_part(x)[0] / gamma
+            T = positive_part(x)[0] / gamma
         if sparse:
             info_extra = {"candidates": candidates[0].shape[-1], "candidate_expansions": expansions}
     else:
@@ -305,12 +311,14 @@ def sparse_ot_plan(
         before = T.sum()
         T = T * _topk_rows(T, kr)[0]
         info["row_truncated_mass"] = float(scope.sum_((before - T.sum()).reshape(1)))
-    per, res, ok = _finish(T, a, b, scope, tol)
-    if Tc is not None and not truncate_rows:  # no dense [n, m] boolean passes
+    support = SparsePlan(Tc, Jc, m) if Tc is not None and not truncate_rows else None
+    if support is not None:  # no dense [n, m] passes
+        per, res, ok = _finish_sums(Tc.sum(-1), column_sums(Tc, Jc, m), a, b, scope, tol)
         nz = (Tc > 0).to(torch.int64)
         cnt = scope.sum_(column_sums(nz, Jc, m))
         rows = nz.sum(-1).amax(-1, keepdim=True)
     else:
+        per, res, ok = _finish(T, a, b, scope, tol)
         nz = T > 0
         cnt = scope.sum_(nz.sum(-2).to(torch.int64))
         rows = nz.sum(-1).amax(-1, keepdim=True) if n else torch.zeros((*C.shape[:-2], 1), dtype=torch.int64)
@@ -323,5 +331,4 @@ def sparse_ot_plan(
     )
     f = x[0] if formulation == "dual" or axis == "col" else None
     g = x[1] if formulation == "dual" else (x[0] if axis != "col" else None)
-    support = (Tc, Jc) if Tc is not None and not truncate_rows else None
     return OTResult(T, f, g, it, res, ok, info, support)
