@@ -3,10 +3,16 @@ matrix (active-set screening; issue 14).
 
 The optimal plan of the routing problem is sparse: a token's entry ``(i, j)`` is positive
 only where ``X_ij = α_i + β_j − C_ij > 0``, a few experts per token. Each token therefore
-keeps a candidate set of ``c`` experts (``J [..., n, c]``: its ``c`` largest ``β_j − C_ij``
-under the warm-start potentials, the order of ``X`` in its row) and the Newton solve runs on
-``[n, c]`` tensors instead of ``[n, m]`` ones: the dual restricted to the candidates, with
+keeps a candidate set of ``c`` experts (its ``c`` largest ``β_j − C_ij`` under the
+warm-start potentials, the order of ``X`` in its row) and the Newton solve runs on
+``c × n`` tensors instead of ``n × m`` ones: the dual restricted to the candidates, with
 the column cap (``k`` largest positives of each expert) applied among them.
+
+Layout: candidate tensors are *slot-major*, ``[..., c, n]`` (``J[..., s, i]`` = the expert
+of token i's slot s): per-token values broadcast along the outer dimension and per-token
+sums add ``c`` contiguous vectors — on CPU a per-token broadcast or sum over a trailing
+dimension of 8 costs 4-5× as much. :func:`row_candidates` and :func:`threshold_candidates`
+return token-major ``[..., n, c]`` (``.mT`` converts).
 
 Exactness: at the candidate optimum one dense pass counts each row's positive ``X``. If no
 row has a positive entry outside its candidates, the dense positive set *is* the candidate
@@ -103,7 +109,7 @@ def threshold_candidates(U: Tensor, delta: float, width: int, floor: Tensor | No
 
 
 def column_sums(V: Tensor, J: Tensor, m: int, col: Tensor | None = None) -> Tensor:
-    """Per-expert sums ``[..., m]`` of candidate values ``V [..., n, c]`` at experts ``J``
+    """Per-expert sums ``[..., m]`` of candidate values ``V`` at experts ``J`` (any layout)
     (``col``: :func:`batch_columns` of ``J``, when the caller keeps it: a flat scatter is
     cheaper than a batched one)."""
     if col is None:
@@ -114,29 +120,29 @@ def column_sums(V: Tensor, J: Tensor, m: int, col: Tensor | None = None) -> Tens
 
 
 def densify(V: Tensor, J: Tensor, m: int) -> Tensor:
-    """``[..., n, m]`` matrix with the candidate values ``V`` at ``J`` and zeros elsewhere."""
-    out = torch.zeros((*V.shape[:-1], m), dtype=V.dtype, device=V.device)
-    return out.scatter_add_(-1, J, V)  # padded slots hold 0 and may repeat an expert
+    """``[..., n, m]`` matrix with the slot-major candidate values ``V [..., c, n]`` at
+    ``J`` and zeros elsewhere."""
+    out = torch.zeros((*V.shape[:-2], V.shape[-1], m), dtype=V.dtype, device=V.device)
+    return out.scatter_add_(-1, J.mT, V.mT)  # padded slots hold 0 and may repeat an expert
 
 
 def batch_columns(J: Tensor, m: int) -> Tensor:
-    """Flat column id over the batch (``problem · m + expert``) of every candidate entry."""
-    n, c = J.shape[-2:]
+    """Flat column id over the batch (``problem · m + expert``) of every candidate entry
+    (in ``J``'s flat order)."""
     problems = math.prod(J.shape[:-2])
     shift = torch.arange(problems, device=J.device).unsqueeze(-1) * m
-    return (J.reshape(problems, n * c) + shift).reshape(-1)
+    return (J.reshape(problems, -1) + shift).reshape(-1)
 
 
 def at_candidates(v: Tensor, col: Tensor, J: Tensor) -> Tensor:
-    """Per-expert values ``v [..., m]`` at the candidate entries: ``[..., n, c]`` like
-    ``J`` (``col`` = :func:`batch_columns` of J; a flat ``index_select`` costs a third of
+    """Per-expert values ``v [..., m]`` at the candidate entries: shaped like ``J`` (``col`` = :func:`batch_columns` of J; a flat ``index_select`` costs a third of
     a batched ``gather`` on CPU)."""
     return v.reshape(-1).index_select(0, col).view(J.shape)
 
 
 def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
                             col: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """``[X]₊`` of candidate entries ``X [..., n, c]`` (expert ``J``; ``col`` =
+    """``[X]₊`` of slot-major candidate entries ``X [..., c, n]`` (expert ``J``; ``col`` =
     :func:`batch_columns`) kept among the ``k`` largest positives of their expert column,
     its 0/1 indicator (``X``'s dtype) and the kept count per expert ``[..., m]``.
 
@@ -145,7 +151,7 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     dropping the lower token indices first. Here only the positives of the binding
     columns (~``n``) are sorted, by column then value (fp32: one sort of an integer key
     ``column · 2³¹ + the value's bits``, order-preserving for positive floats; else a
-    value sort then a stable column sort), stably, so flat order = token order breaks
+    value sort then a stable column sort), stably, in token order so that it breaks
     ties (a token holds an expert in one real slot; padded slots are never positive);
     each column then drops its first ``e``. Runs every evaluation of the Newton, so it is
     written for few operations: one ``nonzero``, flat ``index_select``s, no boolean
@@ -160,8 +166,12 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     if not bool(excess.any()):
         return Xp, W, cnt
     ex = excess.reshape(-1)
-    # the positive entries of binding columns, in flat (= token) order
-    sel = (W * at_candidates(ex.sign(), col, J)).reshape(-1).nonzero().squeeze(-1)
+    # the positive entries of binding columns, found token by token (the transposed copy:
+    # flat order = token order), then located in the slot-major tensors
+    c, n = X.shape[-2:]
+    tm = (W * at_candidates(ex.sign(), col, J)).mT.reshape(-1).nonzero().squeeze(-1)
+    problem, within = tm.div(n * c, rounding_mode="floor"), tm.remainder(n * c)
+    sel = problem * (n * c) + within.remainder(c) * n + within.div(c, rounding_mode="floor")
     scol = col.index_select(0, sel)
     vals = Xp.reshape(-1).index_select(0, sel)
     if vals.dtype == torch.float32:
@@ -183,10 +193,11 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
     +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
-    on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width (every positive entry and those within
-    ``2γa_i`` below zero), then to all experts. Returns ``(x, iterations, evaluations, stalled,
-    (γT at the candidates [..., n, c], their experts J), (objective, residual) at x,
-    expansions)``; :func:`densify` makes the dense matrix.
+    on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width
+    (every positive entry and those within ``2γa_i`` below zero), then to all experts.
+    ``J``, ``valid``: slot-major ``[..., c, n]``. Returns ``(x, iterations, evaluations,
+    stalled, (γT at the candidates [..., c, n], their experts J), (objective, residual) at
+    x, expansions)``; :func:`densify` makes the dense matrix.
 
     ``rest [..., n]``: an upper bound of ``β0_j − C_ij`` over each token's experts outside
     the first ``J`` (``β0 = x0[1]``; :func:`row_candidates`). The first check then
@@ -198,11 +209,11 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
     it = nevals = expansions = 0
     stalled = torch.zeros_like(frozen)
     while True:
-        Cc = C.gather(-1, J).masked_fill(~valid, math.inf)
+        Cc = C.gather(-1, J.mT).mT.contiguous().masked_fill_(~valid, math.inf)
         col = batch_columns(J, m)
 
         def reduced(x_):
-            return x_[0].unsqueeze(-1) + at_candidates(x_[1], col, J) - Cc
+            return x_[0].unsqueeze(-2) + at_candidates(x_[1], col, J) - Cc
 
         last: dict = {}  # the latest evaluation: Newton ends on an evaluated point
 
@@ -211,7 +222,7 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
                 return last["out"]
             Xc = reduced(x_)
             GT, W, cnt = candidate_positive_topk(Xc, J, kc, m, col)
-            ga = a - GT.sum(-1) / gamma
+            ga = a - GT.sum(-2) / gamma
             loc_obj = (x_[0] * a).sum(-1) - (0.5 / gamma) * (GT * GT).sum((-2, -1))
             gb = b - column_sums(GT, J, m, col) / gamma
             obj = loc_obj + (x_[1] * b).sum(-1)
@@ -221,7 +232,7 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
 
         # on a partial set, a bounded round: a restricted problem can be infeasible (an
         # expert no candidate reaches), and Newton then ascends along it without end
-        budget = max_iter - it if J.shape[-1] >= m else min(max_iter - it, _ROUND_STEPS)
+        budget = max_iter - it if J.shape[-2] >= m else min(max_iter - it, _ROUND_STEPS)
         xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, col=col, frozen=frozen,
                                                first_step=first_step if expansions == 0 else 1.0)
         it, nevals = it + its, nevals + nev
@@ -236,32 +247,34 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         else:
             X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
             if bool(valid.all()):
-                outside = X.scatter_(-1, J, -math.inf)
+                outside = X.scatter_(-1, J.mT, -math.inf)
             else:  # padded slots (expert 0) leave their entry as it is
-                outside = X.scatter_reduce_(-1, J, torch.full_like(Cc, math.inf).masked_fill_(valid, -math.inf), "amin")
+                mask = torch.full_like(Cc, math.inf).masked_fill_(valid, -math.inf)
+                outside = X.scatter_reduce_(-1, J.mT, mask.mT, "amin")
             missed = (outside.amax(-1) > 0).any(-1)
         # a stall or an unfinished round far from tol may be the candidates' doing too (a
         # token without the alternative the optimum reroutes it to): solved again, from x0
         lost = ~frozen & (res >= 10 * tol)
         grow = missed | lost
-        if J.shape[-1] >= m or not bool(grow.any()) or it >= max_iter:
+        if J.shape[-2] >= m or not bool(grow.any()) or it >= max_iter:
             return x, it, nevals, stalled, (last["GT"], J), (obj, res), expansions
         expansions += 1
         frozen = ~grow
         if bool(lost.any()):
             x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
         X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # the check masked the candidates
-        width = 2 * J.shape[-1]
+        width = 2 * J.shape[-2]
         if width >= m or expansions > 1:
-            J = torch.arange(m, device=C.device).expand(X.shape).contiguous()
+            J = torch.arange(m, device=C.device).unsqueeze(-1).expand(X.mT.shape).contiguous()
             valid = torch.ones_like(J, dtype=torch.bool)
         else:  # every positive entry, and those within 2·γa_i below zero
             J, valid = threshold_candidates(X, 0.0, width, floor=(-2 * gamma * a).unsqueeze(-1))
+            J, valid = J.mT.contiguous(), valid.mT.contiguous()
 
 
 def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: Tensor) -> Tensor:
     """Per problem: does a token have a positive ``X_ij = (α_i + β_j) − C_ij`` at an
-    expert outside its candidates ``J`` (all real slots)? Outside ``J``,
+    expert outside its candidates ``J [..., c, n]`` (all real slots)? Outside ``J``,
     ``β0_j − C_ij <= rest_i``, and β rose by at most ``shift = max_j (β_j − β0_j)``, so
     ``X_ij <= α_i + shift + rest_i``: tokens whose bound is below zero by more than
     fp32 round-off of the terms (1e-5 of their magnitude, hundreds of ulps) are cleared
@@ -276,6 +289,7 @@ def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: 
     if rows.numel():
         problem = rows // n
         X = (x[0].reshape(-1).index_select(0, rows).unsqueeze(-1) + x[1].reshape(-1, m).index_select(0, problem))
-        X = X.sub_(C.reshape(-1, m).index_select(0, rows)).scatter_(-1, J.reshape(-1, J.shape[-1]).index_select(0, rows), -math.inf)
+        Jrows = J.movedim(-2, 0).reshape(J.shape[-2], -1).index_select(1, rows).t()
+        X = X.sub_(C.reshape(-1, m).index_select(0, rows)).scatter_(-1, Jrows, -math.inf)
         missed.index_fill_(0, problem[X.amax(-1) > 0], True)
     return missed.view(C.shape[:-2])

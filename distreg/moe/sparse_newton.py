@@ -70,8 +70,8 @@ def _newton_dual_ascent(
 
     ``evaluate(x)`` returns replicated ``(objective [...], [g_α, g_β], residual [...],
     active set W [..., n, m] as 0/1 floats (this rank's tokens), active entries per
-    column c [..., m])``. With ``J [..., n, c]`` (expert of each candidate entry, see
-    `distreg.moe.sparse_candidates`) W is ``[..., n, c]`` over the candidates instead,
+    column c [..., m])``. With ``J [..., c, n]`` (expert of each candidate entry, slot-major,
+    see `distreg.moe.sparse_candidates`) W is ``[..., c, n]`` over the candidates instead,
     and ``col`` their flat column ids (``problem · m + expert``).
     ``frozen [...]``: problems left as they are (already solved). ``first_step``: the
     first line search's initial length (0.5 from a warm start, see `sparse_ot_plan`).
@@ -93,7 +93,8 @@ def _newton_dual_ascent(
         it += 1
         ga, gb = grad
         cnt1 = cnt.clamp_min(1)
-        rinv = M.sum(-1).clamp_min_(1).reciprocal_()  # [..., n] curvature 1 for tokens with no active entry
+        # [..., n] curvature 1 for tokens with no active entry
+        rinv = (M.sum(-1) if J is None else M.sum(-2)).clamp_min_(1).reciprocal_()
         u = gamma * ga * rinv
         if J is None:
             Mt = M.transpose(-1, -2)
@@ -111,7 +112,7 @@ def _newton_dual_ascent(
         if J is None:
             Mdb = (M @ db.unsqueeze(-1)).squeeze(-1)
         else:
-            Mdb = (M * db.reshape(-1).index_select(0, col).view_as(M)).sum(-1)
+            Mdb = (M * db.reshape(-1).index_select(0, col).view_as(M)).sum(-2)
         da = u - rinv * Mdb
         live = ~done
         da, db = _pick(live, da, torch.zeros_like(da)), _pick(live, db, torch.zeros_like(db))
@@ -166,27 +167,29 @@ def _newton_dual_ascent(
 
 def _candidate_laplacian(M: Tensor, J: Tensor, col: Tensor, rinv: Tensor, u: Tensor, m: int):
     """``Mᵀ diag(1/r) M`` and ``Mᵀ u`` for an active set over candidate entries (``M``
-    [..., n, c] 0/1 at experts ``J``, flat column ids ``col`` = ``problem · m + expert``).
+    [..., c, n] slot-major, 0/1 at experts ``J``, flat column ids ``col`` = ``problem · m +
+    expert``).
     Tokens with one active expert (``1/r = 1``) only add to the diagonal: one scatter.
     Those with two or more (a few percent when routing) make the rows of
     ``D = diag(1/r)^½ M`` (``[R, m]``, dense), and ``Dᵀ D`` holds their diagonal and
     off-diagonal terms: one GEMM per problem, on that problem's rows in token order, so a
     problem gets the same bits alone or in a batch. A handful of operations: on CPU their
     count, not their arithmetic, is the cost."""
-    batch, (n, c) = M.shape[:-2], M.shape[-2:]
+    batch, (c, n) = M.shape[:-2], M.shape[-2:]
     problems = math.prod(batch)
     q = torch.zeros(problems * m, dtype=M.dtype, device=M.device).scatter_add_(
-        0, col, (M * u.unsqueeze(-1)).reshape(-1))
+        0, col, (M * u.unsqueeze(-2)).reshape(-1))
     single = (2 * rinv - 1).clamp_min_(0)  # 1 where 1/r = 1, 0 where r >= 2
     diag = torch.zeros(problems * m, dtype=M.dtype, device=M.device).scatter_add_(
-        0, col, (M * single.unsqueeze(-1)).reshape(-1))
+        0, col, (M * single.unsqueeze(-2)).reshape(-1))
     lap = torch.diag_embed(diag.view(*batch, m))
     flat_rinv = rinv.reshape(-1)
     rows = (flat_rinv < 0.75).nonzero().squeeze(-1)  # r >= 2 over the batch's tokens
     if rows.numel():
-        Ms = M.reshape(-1, c).index_select(0, rows).mul_(flat_rinv.index_select(0, rows).sqrt_().unsqueeze(-1))
-        D = torch.zeros((rows.numel(), m), dtype=M.dtype, device=M.device).scatter_add_(
-            1, J.reshape(-1, c).index_select(0, rows), Ms)
+        # [c, tokens over the batch] views / copies, then the chosen tokens as rows
+        Ms = M.movedim(-2, 0).reshape(c, -1).index_select(1, rows).mul_(flat_rinv.index_select(0, rows).sqrt_())
+        Js = J.movedim(-2, 0).reshape(c, -1).index_select(1, rows)
+        D = torch.zeros((rows.numel(), m), dtype=M.dtype, device=M.device).scatter_add_(1, Js.t(), Ms.t())
         if problems == 1:
             lap = lap + (D.t() @ D).view_as(lap)
         else:

@@ -152,6 +152,7 @@ def sparse_ot_plan(
         if use_candidates:  # each token's _CANDIDATES best experts; the row fit's support
             top, J, rest = row_candidates(U, _CANDIDATES)  # is usually far smaller (else: full sort)
             # rest: bound of the others, in cost units for the check (`_missed_outside`)
+            J = J.mT.contiguous()  # the candidate Newton's slot-major layout
             candidates = (J, torch.ones_like(J, dtype=torch.bool), rest * (gamma * a))
             theta = _simplex_theta(top, -1)
             if bool((top[..., -1:] > theta).any()):  # (row_candidates overwrote U)
@@ -301,7 +302,7 @@ def sparse_ot_plan(
         else:
             T = positive_part(x)[0] / gamma
         if sparse:
-            info_extra = {"candidates": candidates[0].shape[-1], "candidate_expansions": expansions}
+            info_extra = {"candidates": candidates[0].shape[-2], "candidate_expansions": expansions}
     else:
         x, it, nevals, stalled = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
         T, used = plan_of(x), "lbfgs"
@@ -311,12 +312,13 @@ def sparse_ot_plan(
         before = T.sum()
         T = T * _topk_rows(T, kr)[0]
         info["row_truncated_mass"] = float(scope.sum_((before - T.sum()).reshape(1)))
-    support = SparsePlan(Tc, Jc, m) if Tc is not None and not truncate_rows else None
+    # the candidates are slot-major [..., c, n]; the support is read token by token
+    support = SparsePlan(Tc.mT, Jc.mT, m) if Tc is not None and not truncate_rows else None
     if support is not None:  # no dense [n, m] passes
-        per, res, ok = _finish_sums(Tc.sum(-1), column_sums(Tc, Jc, m), a, b, scope, tol)
+        per, res, ok = _finish_sums(Tc.sum(-2), column_sums(Tc, Jc, m), a, b, scope, tol)
         nz = (Tc > 0).to(torch.int64)
         cnt = scope.sum_(column_sums(nz, Jc, m))
-        rows = nz.sum(-1).amax(-1, keepdim=True)
+        rows = nz.sum(-2).amax(-1, keepdim=True)
     else:
         per, res, ok = _finish(T, a, b, scope, tol)
         nz = T > 0

@@ -27,7 +27,8 @@ def test_candidate_column_cap_is_the_dense_rule(dtype):
         J, valid = threshold_candidates(X, 0.0, 6, floor=torch.zeros(2, 23, 1, dtype=dtype))
         if not bool(((X > 0).sum(-1) <= valid.sum(-1)).all()):
             continue  # a row with more positives than slots: not this test's case
-        Xc = X.gather(-1, J).masked_fill(~valid, -torch.inf)
+        J, valid = J.mT.contiguous(), valid.mT.contiguous()  # the Newton's slot-major layout
+        Xc = X.gather(-1, J.mT).mT.masked_fill(~valid, -torch.inf)
         GT, W, cnt = candidate_positive_topk(Xc, J, k, 9)
         want_T, want_W = _positive_topk_weights(X, k)
         assert torch.equal(densify(GT, J, 9), want_T) and torch.equal(densify(W, J, 9), want_W)
