@@ -149,11 +149,10 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     The rule of :func:`distreg.moe.ot_select._positive_topk_weights` on the dense matrix:
     a column with ``e`` positives beyond ``k`` drops its ``e`` smallest, exact ties
     dropping the lower token indices first. Here only the positives of the binding
-    columns (~``n``) are sorted, by column then value (fp32: one sort of an integer key
-    ``column · 2³¹ + the value's bits``, order-preserving for positive floats; else a
-    value sort then a stable column sort), stably, in token order so that it breaks
-    ties (a token holds an expert in one real slot; padded slots are never positive);
-    each column then drops its first ``e``. Runs every evaluation of the Newton, so it is
+    columns (~``n``) are sorted, by column, value, then token (a token holds an expert in
+    one real slot; padded slots are never positive): fp32, one sort of the integer key
+    ``(column, the value's bits, token)``, order-preserving for non-negative floats; else
+    three stable sorts. Each column then drops its first ``e``. Runs every evaluation of the Newton, so it is
     written for few operations: one ``nonzero``, flat ``index_select``s, no boolean
     indexing."""
     Xp = X.clamp_min(0)
@@ -166,25 +165,28 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     if not bool(excess.any()):
         return Xp, W, cnt
     ex = excess.reshape(-1)
-    # the positive entries of binding columns, found token by token (the transposed copy:
-    # flat order = token order), then located in the slot-major tensors
+    # the positive entries of binding columns (slot-major flat positions), sorted by
+    # column, value, then token: one integer key where it fits in 63 bits (fp32 values
+    # are non-negative here, so their bits order them), else three stable sorts
     c, n = X.shape[-2:]
-    tm = (W * at_candidates(ex.sign(), col, J)).mT.reshape(-1).nonzero().squeeze(-1)
-    problem, within = tm.div(n * c, rounding_mode="floor"), tm.remainder(n * c)
-    sel = problem * (n * c) + within.remainder(c) * n + within.div(c, rounding_mode="floor")
+    sel = (W * at_candidates(ex.sign(), col, J)).reshape(-1).nonzero().squeeze(-1)
     scol = col.index_select(0, sel)
     vals = Xp.reshape(-1).index_select(0, sel)
-    if vals.dtype == torch.float32:
-        order = torch.sort(scol * 2**31 + vals.view(torch.int32).long(), stable=True).indices
+    token = sel.remainder(n)
+    tb, cb = max(1, (n - 1).bit_length()), max(1, (ex.numel() - 1).bit_length())
+    if vals.dtype == torch.float32 and cb + 31 + tb <= 63:
+        order = torch.sort((scol << (31 + tb)) | (vals.view(torch.int32).long() << tb) | token).indices
     else:
-        order = torch.sort(vals, stable=True).indices
+        order = torch.sort(token, stable=True).indices
+        order = order[torch.sort(vals.index_select(0, order), stable=True).indices]
         order = order[torch.sort(scol.index_select(0, order), stable=True).indices]
     cols = scol.index_select(0, order)
     count = torch.bincount(scol, minlength=ex.numel())
     rank = torch.arange(cols.numel(), device=X.device) - (count.cumsum(0) - count).index_select(0, cols)
-    kept = (rank >= ex.index_select(0, cols)).to(X.dtype)  # each column's first `e` go
-    keep = torch.ones_like(Xp).reshape(-1).index_copy_(0, sel.index_select(0, order), kept).view_as(Xp)
-    return Xp * keep, W * keep, cnt - excess
+    drop = sel.index_select(0, order)[rank < ex.index_select(0, cols)]  # each column's first `e`
+    Xp.view(-1).index_fill_(0, drop, 0)
+    W.view(-1).index_fill_(0, drop, 0)
+    return Xp, W, cnt - excess
 
 
 def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
@@ -276,14 +278,16 @@ def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: 
     """Per problem: does a token have a positive ``X_ij = (α_i + β_j) − C_ij`` at an
     expert outside its candidates ``J [..., c, n]`` (all real slots)? Outside ``J``,
     ``β0_j − C_ij <= rest_i``, and β rose by at most ``shift = max_j (β_j − β0_j)``, so
-    ``X_ij <= α_i + shift + rest_i``: tokens whose bound is below zero by more than
-    fp32 round-off of the terms (1e-5 of their magnitude, hundreds of ulps) are cleared
-    without computing their row; the others (none to a few per call at E = 64) get the
-    exact row, computed by the same operations as the dense check, so with the same bits."""
+    ``X_ij <= α_i + shift + rest_i``: tokens whose bound is below zero by more than the
+    round-off of the terms are cleared without computing their row; the others (none to
+    a few per call at E = 64) get the exact row, computed by the same operations as the
+    dense check, so with the same bits. Round-off: ``rest`` is relative-accurate (each
+    step rounds its own result), and computing ``X = (α_i + β_j) − C_ij`` errs by ulps of
+    ``|α_i| + |β_j|`` and of ``|X|``, so 1e-5 (hundreds of fp32 ulps) of
+    ``|α_i| + |rest_i| + max|β| + |shift|`` covers it."""
     n, m = C.shape[-2:]
     shift = (x[1] - beta0).amax(-1, keepdim=True)
-    size = x[0].abs() + shift.abs() + beta0.abs().amax(-1, keepdim=True) + x[1].abs().amax(-1, keepdim=True)
-    size = size + torch.maximum(C.amax(-1), -C.amin(-1))
+    size = x[0].abs() + rest.abs() + x[1].abs().amax(-1, keepdim=True) + shift.abs()
     rows = (x[0] + shift + rest + 1e-5 * size > 0).reshape(-1).nonzero().squeeze(-1)
     missed = torch.zeros(math.prod(C.shape[:-2]), dtype=torch.bool, device=C.device)
     if rows.numel():
