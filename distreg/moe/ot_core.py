@@ -121,15 +121,17 @@ class _Scope:
         return torch.cat(self.comm.all_gather(t.contiguous()), dim=dim)
 
 
-def _setup(cost, scores, a, b, comm, dtype, check_finite=True):
+def _setup(cost, scores, a, b, comm, dtype, check_finite=True, negate=True):
     """Cost in the working dtype, marginals, scope. Validation (a collective in global
     scope) is skipped for what cannot be wrong: uniform default marginals, and a cost
     whose finiteness the caller checks itself (``check_finite=False``, the scaling
     Sinkhorn: its row spread is NaN/inf exactly when the cost is not finite). In local
-    scope with uniform marginals a finite ``C.sum()`` stands for the entry-wise check."""
+    scope with uniform marginals a finite ``C.sum()`` stands for the entry-wise check.
+    ``negate=False`` with ``scores``: returns the scores themselves (``−C``), for a caller
+    that reads them as such (no negated copy)."""
     if (cost is None) == (scores is None):
         raise ValueError("pass exactly one of cost or scores")
-    C = (-scores if cost is None else cost).detach()
+    C = (-scores if cost is None and negate else scores if cost is None else cost).detach()
     if C.dim() < 2:
         raise ValueError(f"cost must have shape [..., n, m], got {tuple(C.shape)}")
     dt = dtype or (torch.float64 if C.dtype == torch.float64 else torch.float32)

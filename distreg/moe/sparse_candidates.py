@@ -189,7 +189,7 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     return Xp, W, cnt - excess
 
 
-def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
+def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
                      gamma: float, kc: int | None, max_iter: int, tol: float, first_step: float = 1.0,
                      rest: Tensor | None = None):
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
@@ -197,21 +197,22 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
     on a partial set) at ``>= 10·tol`` (then from ``x0`` again): first to twice the width
     (every positive entry and those within ``2γa_i`` below zero), then to all experts.
-    ``J``, ``valid``: slot-major ``[..., c, n]``. Returns ``(x, iterations, evaluations,
+    ``S = −C``: the scores (the routers' logits, read as they are). ``J``, ``valid``:
+    slot-major ``[..., c, n]``. Returns ``(x, iterations, evaluations,
     stalled, (γT at the candidates [..., c, n], their experts J), (objective, residual) at
     x, expansions)``; :func:`densify` makes the dense matrix.
 
     ``rest [..., n]``: an upper bound of ``β0_j − C_ij`` over each token's experts outside
     the first ``J`` (``β0 = x0[1]``; :func:`row_candidates`). The first check then
     computes only the tokens it does not clear (see :func:`_missed_outside`)."""
-    m = C.shape[-1]
-    batch = C.shape[:-2]
-    frozen = torch.zeros(batch, dtype=torch.bool, device=C.device)
+    m = S.shape[-1]
+    batch = S.shape[:-2]
+    frozen = torch.zeros(batch, dtype=torch.bool, device=S.device)
     x = x0
     it = nevals = expansions = 0
     stalled = torch.zeros_like(frozen)
     while True:
-        Cc = C.gather(-1, J.mT).mT.contiguous().masked_fill_(~valid, math.inf)
+        Cc = S.gather(-1, J.mT).mT.contiguous().neg_().masked_fill_(~valid, math.inf)
         col = batch_columns(J, m)
 
         def reduced(x_):
@@ -245,9 +246,10 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         # entries are computed by the same operations, so X and Xc agree bit for bit)
         obj, _, res, _, _ = evaluate(x)
         if rest is not None and expansions == 0:
-            missed = _missed_outside(C, x, x0[1], J, rest)
+            missed = _missed_outside(S, x, x0[1], J, rest)
         else:
-            X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # in place: one [n, m] buffer
+            # in place: one [n, m] buffer; + S = − C bit for bit (negation is exact)
+            X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).add_(S)
             if bool(valid.all()):
                 outside = X.scatter_(-1, J.mT, -math.inf)
             else:  # padded slots (expert 0) leave their entry as it is
@@ -264,18 +266,18 @@ def candidate_newton(C: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         frozen = ~grow
         if bool(lost.any()):
             x = [torch.where(lost.unsqueeze(-1), u, v) for u, v in zip(x0, x)]
-        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).sub_(C)  # the check masked the candidates
+        X = (x[0].unsqueeze(-1) + x[1].unsqueeze(-2)).add_(S)  # the check masked the candidates
         width = 2 * J.shape[-2]
         if width >= m or expansions > 1:
-            J = torch.arange(m, device=C.device).unsqueeze(-1).expand(X.mT.shape).contiguous()
+            J = torch.arange(m, device=S.device).unsqueeze(-1).expand(X.mT.shape).contiguous()
             valid = torch.ones_like(J, dtype=torch.bool)
         else:  # every positive entry, and those within 2·γa_i below zero
             J, valid = threshold_candidates(X, 0.0, width, floor=(-2 * gamma * a).unsqueeze(-1))
             J, valid = J.mT.contiguous(), valid.mT.contiguous()
 
 
-def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: Tensor) -> Tensor:
-    """Per problem: does a token have a positive ``X_ij = (α_i + β_j) − C_ij`` at an
+def _missed_outside(S: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: Tensor) -> Tensor:
+    """Per problem: does a token have a positive ``X_ij = (α_i + β_j) + S_ij`` (``S = −C``) at an
     expert outside its candidates ``J [..., c, n]`` (all real slots)? Outside ``J``,
     ``β0_j − C_ij <= rest_i``, and β rose by at most ``shift = max_j (β_j − β0_j)``, so
     ``X_ij <= α_i + shift + rest_i``: tokens whose bound is below zero by more than the
@@ -285,15 +287,15 @@ def _missed_outside(C: Tensor, x: list[Tensor], beta0: Tensor, J: Tensor, rest: 
     step rounds its own result), and computing ``X = (α_i + β_j) − C_ij`` errs by ulps of
     ``|α_i| + |β_j|`` and of ``|X|``, so 1e-5 (hundreds of fp32 ulps) of
     ``|α_i| + |rest_i| + max|β| + |shift|`` covers it."""
-    n, m = C.shape[-2:]
+    n, m = S.shape[-2:]
     shift = (x[1] - beta0).amax(-1, keepdim=True)
     size = x[0].abs() + rest.abs() + x[1].abs().amax(-1, keepdim=True) + shift.abs()
     rows = (x[0] + shift + rest + 1e-5 * size > 0).reshape(-1).nonzero().squeeze(-1)
-    missed = torch.zeros(math.prod(C.shape[:-2]), dtype=torch.bool, device=C.device)
+    missed = torch.zeros(math.prod(S.shape[:-2]), dtype=torch.bool, device=S.device)
     if rows.numel():
         problem = rows // n
         X = (x[0].reshape(-1).index_select(0, rows).unsqueeze(-1) + x[1].reshape(-1, m).index_select(0, problem))
         Jrows = J.movedim(-2, 0).reshape(J.shape[-2], -1).index_select(1, rows).t()
-        X = X.sub_(C.reshape(-1, m).index_select(0, rows)).scatter_(-1, Jrows, -math.inf)
+        X = X.add_(S.reshape(-1, m).index_select(0, rows)).scatter_(-1, Jrows, -math.inf)
         missed.index_fill_(0, problem[X.amax(-1) > 0], True)
-    return missed.view(C.shape[:-2])
+    return missed.view(S.shape[:-2])

@@ -139,8 +139,12 @@ def _normal(res: OTResult) -> OTResult:
 def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_iter, tol, history, comm, dtype,
            col_select, init, solver) -> OTResult:
     """:func:`sparse_ot_plan`'s body (run under inference mode)."""
-    C, a, b, scope = _setup(cost, scores, a, b, comm, dtype)
+    # the candidate Newton reads routers' scores as −C itself: no negated [n, m] copy
+    # (C = −S is formed below only for the other paths)
+    C, a, b, scope = _setup(cost, scores, a, b, comm, dtype, negate=cost is not None)
+    S = C if cost is None else None  # then C holds the scores until negated
     n, m = C.shape[-2:]
+    batch_shape, cdtype = C.shape[:-2], C.dtype
     N = scope.N
     if max_nz_col is not None and max_nz_col * m < N:
         raise ValueError(f"infeasible: max_nz_col·m = {max_nz_col * m} < {N} tokens (each needs an expert)")
@@ -171,8 +175,9 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
         exact row block-maximiser for the given β, a far better start than α = 0. The
         simplex threshold needs each row's support only: from its top 8 values when the
         support is smaller than that (the usual routing case), else from a full sort."""
-        def scaled():
-            return (beta.unsqueeze(-2) - C).div_(gamma * a.unsqueeze(-1))
+        def scaled():  # β − C, or β + S (the same bits: negation is exact)
+            shifted = beta.unsqueeze(-2) - C if S is None else beta.unsqueeze(-2) + S
+            return shifted.div_(gamma * a.unsqueeze(-1))
 
         U = scaled()
         nonlocal candidates
@@ -200,6 +205,10 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
     # local scope with many experts: Newton on each token's candidate experts, verified on
     # the dense matrix (`sparse_candidates`); otherwise (and in global scope) dense Newton
     use_candidates = newton and not scope.glob and m > 2 * _CANDIDATES
+    if S is not None and use_candidates:
+        C = None  # formed only if the L-BFGS fallback needs the dense closures
+    elif S is not None:
+        C, S = -S, None
     if formulation == "dual":
 
         def plan_of(x):
@@ -243,7 +252,7 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
             obj = buf[..., 2 * m] + (x[1] * b).sum(-1)
             return obj, [ga, gb], buf[..., 2 * m + 1] + gb.abs().sum(-1), W, buf[..., m:2 * m]
 
-        beta0 = torch.zeros_like(b) if init is None else init[1].detach().to(C.dtype).expand_as(b).clone()
+        beta0 = torch.zeros_like(b) if init is None else init[1].detach().to(cdtype).expand_as(b).clone()
         x0 = [row_fit(beta0), beta0]
         sharded = [True, False]
     else:
@@ -295,7 +304,8 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
         if sparse:
             J0, valid0, rest = candidates
             x, it, nevals, stalled, (GTc, Jc), final, expansions = candidate_newton(
-                C, a, b, x0, J0, valid0, scope, gamma, kc, max_iter, tol, first_step=first_step, rest=rest)
+                -C if S is None else S, a, b, x0, J0, valid0, scope, gamma, kc, max_iter, tol,
+                first_step=first_step, rest=rest)
         else:
             x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
         used = "newton"
@@ -311,6 +321,8 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
             # those problems keep the higher dual objective (then the lower residual):
             # replicated values, so every rank keeps the same one. A stall within 10·tol is
             # the kink floor of a binding capacity and is accepted, as L-BFGS's own stall.
+            if C is None:
+                C = -S  # the dense closures read C
             xl, it2, nev2, stalled_l = _lbfgs_ascent(evaluate, x0, sharded, scope, max_iter, tol, history)
             ol, _, rl, _, _ = evaluate_newton(xl)
             noise = 8 * torch.finfo(on.dtype).eps * (on.abs() + 1)
@@ -356,7 +368,7 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
         residuals=per,
         nnz_col_max=int(cnt.max()),
         nnz_row_max=int(rmax.max()),
-        density=float(cnt.sum()) / float(max(1, N * m * max(1, math.prod(C.shape[:-2])))),
+        density=float(cnt.sum()) / float(max(1, N * m * max(1, math.prod(batch_shape)))),
     )
     f = x[0] if formulation == "dual" or axis == "col" else None
     g = x[1] if formulation == "dual" else (x[0] if axis != "col" else None)
