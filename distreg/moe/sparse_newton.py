@@ -87,7 +87,7 @@ def _newton_dual_ascent(
     ones = torch.full((m, m), 1.0 / m, dtype=obj.dtype, device=obj.device)
     it, nevals = 0, 1
     mu = torch.full_like(obj, _RIDGE)  # Levenberg-Marquardt damping per problem
-    # per-problem decisions are boolean tensors; `_pick` takes a whole-batch shortcut, so
+    # per-problem decisions are boolean tensors; `_pick_all` takes a whole-batch shortcut, so
     # one problem (the routing norm) pays a host read per decision, not a masked select
     while it < max_iter and not bool(done.all()):
         it += 1
@@ -115,7 +115,8 @@ def _newton_dual_ascent(
             Mdb = (M * db.reshape(-1).index_select(0, col).view_as(M)).sum(-2)
         da = u - rinv * Mdb
         live = ~done
-        da, db = _pick(live, da, torch.zeros_like(da)), _pick(live, db, torch.zeros_like(db))
+        if not bool(live.all()):  # solved problems stay where they are
+            da, db = _where_nest(live, [da, db], [torch.zeros_like(da), torch.zeros_like(db)])
         slope = scope.sum_((ga * da).sum(-1).clone()) + (gb * db).sum(-1)
         bad = live & (slope <= 0)  # not an ascent direction (round-off): scaled gradient
         if bool(bad.any()):
@@ -213,7 +214,10 @@ def _solve_spd(H: Tensor, rhs: Tensor) -> Tensor:
 
 
 def _pick_all(ok: Tensor, new, old):
-    """:func:`_pick` over matching nests of tensors / lists (one host read for all)."""
+    """Per problem (``ok`` [...]): ``new`` where ok, else ``old``, over matching nests of
+    tensors (trailing dims broadcast), with one host read for all. The whole-batch cases
+    skip the masked select: over a token×expert matrix it costs ~20× a multiply on CPU,
+    and one problem per call is the routing norm."""
     if bool(ok.all()):
         return new
     if not bool(ok.any()):
@@ -224,15 +228,4 @@ def _pick_all(ok: Tensor, new, old):
 def _where_nest(ok: Tensor, new, old):
     if isinstance(new, (list, tuple)):
         return type(new)(_where_nest(ok, a, b) for a, b in zip(new, old))
-    return torch.where(ok.view(*ok.shape, *([1] * (new.dim() - ok.dim()))), new, old)
-
-
-def _pick(ok: Tensor, new: Tensor, old: Tensor) -> Tensor:
-    """Per problem (``ok`` [...]): ``new`` where ok, else ``old`` (trailing dims broadcast).
-    The whole-batch cases skip the masked select: over a token×expert matrix it costs
-    ~20× a multiply on CPU, and one problem per call is the routing norm."""
-    if bool(ok.all()):
-        return new
-    if not bool(ok.any()):
-        return old
     return torch.where(ok.view(*ok.shape, *([1] * (new.dim() - ok.dim()))), new, old)
