@@ -191,7 +191,7 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
 
 def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tensor, valid: Tensor, scope,
                      gamma: float, kc: int | None, max_iter: int, tol: float, first_step: float = 1.0,
-                     rest: Tensor | None = None):
+                     rest: Tensor | None = None, floor: float | None = None):
     """Newton on the candidate sets ``J`` (``valid``: real slots; padded ones get cost
     +inf, so ``X = −inf`` there) from ``x0 = [α, β]``, verified and expanded until no
     positive entry lies outside them and no problem ends a round (at most `_ROUND_STEPS`
@@ -204,7 +204,9 @@ def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
 
     ``rest [..., n]``: an upper bound of ``β0_j − C_ij`` over each token's experts outside
     the first ``J`` (``β0 = x0[1]``; :func:`row_candidates`). The first check then
-    computes only the tokens it does not clear (see :func:`_missed_outside`)."""
+    computes only the tokens it does not clear (see :func:`_missed_outside`). ``floor``
+    (default ``10·tol``) replaces ``10·tol`` above (see ``sparse_ot_plan``)."""
+    floor = 10 * tol if floor is None else floor
     m = S.shape[-1]
     batch = S.shape[:-2]
     frozen = torch.zeros(batch, dtype=torch.bool, device=S.device)
@@ -237,7 +239,7 @@ def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         # expert no candidate reaches), and Newton then ascends along it without end
         budget = max_iter - it if J.shape[-2] >= m else min(max_iter - it, _ROUND_STEPS)
         xs, its, nev, st = _newton_dual_ascent(evaluate, x, scope, gamma, budget, tol, J=J, col=col, frozen=frozen,
-                                               first_step=first_step if expansions == 0 else 1.0)
+                                               first_step=first_step if expansions == 0 else 1.0, floor=floor)
         it, nevals = it + its, nevals + nev
         stalled = torch.where(frozen, stalled, st)
         x = xs
@@ -258,7 +260,7 @@ def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
             missed = (outside.amax(-1) > 0).any(-1)
         # a stall or an unfinished round far from tol may be the candidates' doing too (a
         # token without the alternative the optimum reroutes it to): solved again, from x0
-        lost = ~frozen & (res >= 10 * tol)
+        lost = ~frozen & (res >= floor)
         grow = missed | lost
         if J.shape[-2] >= m or not bool(grow.any()) or it >= max_iter:
             return x, it, nevals, stalled, (last["GT"], J), (obj, res), expansions

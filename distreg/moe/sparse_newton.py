@@ -28,7 +28,8 @@ until a token switches; Armijo backtracking on ``D`` (30 halvings for the first 
 half length, where the full step overshoots, and a first step accepted at that length
 counts as full for the damping). A problem stops when its residual ``‖T1 − a‖₁ + ‖Tᵀ1 − b‖₁`` is below
 ``tol``, or when it makes no progress — residual not halved and objective not raised
-beyond round-off, once within 10·tol, three times otherwise — or when no step is
+beyond round-off, once within the kink floor (10·tol, or a few tokens' mass: see
+``sparse_ot_plan``), three times otherwise — or when no step is
 acceptable (a kink of the capped conjugate, where no plan of a single active set meets
 the marginals: see ``sparse_ot_plan``). Every decision
 is taken on replicated numbers, so every rank runs the same iterations; problems of a
@@ -65,6 +66,7 @@ def _newton_dual_ascent(
     col: Tensor | None = None,
     frozen: Tensor | None = None,
     first_step: float = 1.0,
+    floor: float | None = None,
 ):
     """Maximise the dual over ``x = [α (this rank's tokens), β (replicated)]``.
 
@@ -75,6 +77,8 @@ def _newton_dual_ascent(
     and ``col`` their flat column ids (``problem · m + expert``).
     ``frozen [...]``: problems left as they are (already solved). ``first_step``: the
     first line search's initial length (0.5 from a warm start, see `sparse_ot_plan`).
+    ``floor``: the residual below which a stall is the capped dual's kink floor (default
+    ``10·tol``; `sparse_ot_plan` passes a few tokens' mass as well).
     Returns ``(x, iterations, evaluations, stalled [...])``."""
     obj, grad, res, M, cnt = evaluate(x)
     fin = torch.finfo(obj.dtype).eps
@@ -87,6 +91,7 @@ def _newton_dual_ascent(
     ones = torch.full((m, m), 1.0 / m, dtype=obj.dtype, device=obj.device)
     it, nevals = 0, 1
     mu = torch.full_like(obj, _RIDGE)  # Levenberg-Marquardt damping per problem
+    near_floor = 10 * tol if floor is None else floor
     # per-problem decisions are boolean tensors; `_pick_all` takes a whole-batch shortcut, so
     # one problem (the routing norm) pays a host read per decision, not a masked select
     while it < max_iter and not bool(done.all()):
@@ -158,7 +163,7 @@ def _newton_dual_ascent(
         # step (the next would be idle: measured at E = 64, it saves that confirming
         # step); far from it, a few idle steps
         converged = res < tol
-        near = res < 10 * tol
+        near = res < near_floor
         patient = torch.where(near, patience, 3 * patience)
         stop = ~done & (failed | (idle >= patient) | (near & kinked))
         stalled |= stop & ~converged

@@ -49,6 +49,7 @@ def sparse_ot_plan(
     col_select: str = "radix",
     init: tuple[Tensor | None, Tensor] | None = None,
     solver: str = "auto",
+    floor: float | None = None,
 ) -> OTResult:
     """Sparsity-constrained, squared-L2-regularised OT (Liu, Puigcerver, Blondel 2023).
 
@@ -81,10 +82,12 @@ def sparse_ot_plan(
     `distreg.moe.sparse_newton`): per step an ``m × m`` expert system, converging in a
     few steps from a warm start, stopping where a kink of the capped conjugate leaves it
     no usable curvature; ``"lbfgs"`` — batched L-BFGS (every formulation and cap);
-    ``"auto"`` (default) — Newton where it applies, and where a problem stalls at a
-    residual ``≥ 10·tol`` L-BFGS from the standard start too, keeping per problem the
-    higher dual objective (then the residual); a stall below ``10·tol`` is a binding
-    capacity's kink floor and is kept. ``max_iter`` bounds each of them; ``iterations`` adds them up.
+    ``"auto"`` (default) — Newton where it applies, and where a problem stalls above the
+    kink floor L-BFGS from the standard start too, keeping per problem the higher dual
+    objective (then the residual); a stall below the floor is a binding capacity's kink
+    and is kept. The floor is ``floor`` if given (at least ``10·tol``), else ``10·tol``:
+    the routers pass a few tokens' mass (`distreg.moe.routers.ot_router`). ``max_iter``
+    bounds each solver; ``iterations`` adds them up.
     In local scope with more than ``2·8`` experts Newton runs on each token's 8 best
     experts under the warm start (``[n, 8]`` tensors instead of ``[n, m]``), checked on
     the dense matrix and widened where a positive entry lies outside: the dense
@@ -118,7 +121,7 @@ def sparse_ot_plan(
     # ops on them (an inference tensor refuses both)
     with torch.inference_mode():
         res = _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_iter, tol, history,
-                     comm, dtype, col_select, init, solver)
+                     comm, dtype, col_select, init, solver, floor)
     return _normal(res)
 
 
@@ -137,7 +140,7 @@ def _normal(res: OTResult) -> OTResult:
 
 
 def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_iter, tol, history, comm, dtype,
-           col_select, init, solver) -> OTResult:
+           col_select, init, solver, floor) -> OTResult:
     """:func:`sparse_ot_plan`'s body (run under inference mode)."""
     # the candidate Newton reads routers' scores as −C itself: no negated [n, m] copy
     # (C = −S is formed below only for the other paths)
@@ -295,6 +298,7 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
 
     Tc = None  # the candidate Newton's plan at the candidates Jc, when it is the plan
     if newton:
+        floor = 10 * tol if floor is None else max(floor, 10 * tol)
         sparse = candidates is not None
         # from a warm start the candidate Newton's full first step overshoots (many
         # experts: the active set moves with the fresh logits) and the line search accepts
@@ -305,21 +309,22 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
             J0, valid0, rest = candidates
             x, it, nevals, stalled, (GTc, Jc), final, expansions = candidate_newton(
                 -C if S is None else S, a, b, x0, J0, valid0, scope, gamma, kc, max_iter, tol,
-                first_step=first_step, rest=rest)
+                first_step=first_step, rest=rest, floor=floor)
         else:
-            x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol)
+            x, it, nevals, stalled = _newton_dual_ascent(evaluate_newton, x0, scope, gamma, max_iter, tol,
+                                                         floor=floor)
         used = "newton"
         need = stalled
         if solver == "auto" and bool(stalled.any()):
             on, rn = final if sparse else evaluate_newton(x)[0:3:2]
-            need = stalled & (rn >= 10 * tol)
+            need = stalled & (rn >= floor)
         if solver == "auto" and bool(need.any()):
             # Newton stopped far from the tolerance where the capped conjugate's kinks leave
             # it no usable curvature (a tie at a capacity boundary next to a flat direction
             # of the dual: hard assignments, a capacity of exactly n/m). L-BFGS from the
             # standard start, whose Wolfe-type steps creep along such faces, runs as well;
             # those problems keep the higher dual objective (then the lower residual):
-            # replicated values, so every rank keeps the same one. A stall within 10·tol is
+            # replicated values, so every rank keeps the same one. A stall within the floor is
             # the kink floor of a binding capacity and is accepted, as L-BFGS's own stall.
             if C is None:
                 C = -S  # the dense closures read C
