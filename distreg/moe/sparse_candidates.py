@@ -14,7 +14,9 @@ sums add ``c`` contiguous vectors — on CPU a per-token broadcast or sum over a
 dimension of 8 costs 4-5× as much. :func:`row_candidates` and :func:`threshold_candidates`
 return token-major ``[..., n, c]`` (``.mT`` converts).
 
-Exactness: at the candidate optimum one dense pass counts each row's positive ``X``. If no
+Exactness: at the candidate optimum one check finds each row's positive ``X`` outside its
+candidates (first round: a bound from the warm start clears most rows, the rest get their
+exact row, :func:`_missed_outside`; later rounds: a dense pass). If no
 row has a positive entry outside its candidates, the dense positive set *is* the candidate
 positive set, so the dense column top-k selects the same entries (same values, same
 canonical tie rule: see :func:`candidate_positive_topk`) and the dense plan equals the
