@@ -4,7 +4,7 @@
 {8, 64} experts, one process.
 
     python benchmarks/routing.py [--tokens 4096] [--experts 8 64] [--k 1] [--cf 1.25]
-                                 [--eps 1.0] [--rounds 15] [--warmup 5] [--threads 1]
+                                 [--eps 1.0] [--rounds 30] [--warmup 5] [--threads 1]
                                  [--only sparse_ot ...]
 
 Every call routes a *fresh* draw of token logits from one router distribution (Gaussian
@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=1)
     ap.add_argument("--cf", type=float, default=1.25)
     ap.add_argument("--eps", type=float, default=1.0, help="entropic regularisation (Sinkhorn, SNS, POT)")
-    ap.add_argument("--rounds", type=int, default=15, help="timed interleaved rounds")
+    ap.add_argument("--rounds", type=int, default=30, help="timed interleaved rounds")
     ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first (warm starts settle)")
     ap.add_argument("--tol", type=float, default=1e-4, help="Sinkhorn / SNS / POT tolerance")
     ap.add_argument("--only", nargs="+", default=None, metavar="METHOD",
