@@ -189,10 +189,11 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
             # rest: bound of the others, in cost units for the check (`_missed_outside`)
             J = J.mT.contiguous()  # the candidate Newton's slot-major layout
             candidates = (J, torch.ones_like(J, dtype=torch.bool), rest * (gamma * a))
-            theta = _simplex_theta(top, -1)
-            if bool((top[..., -1:] > theta).any()):  # (row_candidates overwrote U)
-                theta = _simplex_theta(torch.sort(scaled(), dim=-1, descending=True).values, -1)
-            return -gamma * a * theta.squeeze(-1)
+            top = top.mT  # slot-major too: the threshold's sums run over contiguous vectors
+            theta = _simplex_theta(top, -2).squeeze(-2)
+            if bool((top[..., -1, :] > theta).any()):  # (row_candidates overwrote U)
+                theta = _simplex_theta(torch.sort(scaled(), dim=-1, descending=True).values, -1).squeeze(-1)
+            return -gamma * a * theta
         kk = min(m, 8)
         top = torch.topk(U, kk, dim=-1).values if kk < m else torch.sort(U, dim=-1, descending=True).values
         theta = _simplex_theta(top, -1)
