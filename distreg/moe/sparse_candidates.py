@@ -137,8 +137,9 @@ def batch_columns(J: Tensor, m: int) -> Tensor:
 
 
 def at_candidates(v: Tensor, col: Tensor, J: Tensor) -> Tensor:
-    """Per-expert values ``v [..., m]`` at the candidate entries: shaped like ``J`` (``col`` = :func:`batch_columns` of J; a flat ``index_select`` costs a third of
-    a batched ``gather`` on CPU)."""
+    """Per-expert values ``v [..., m]`` at the candidate entries, shaped like ``J`` (``col``
+    = :func:`batch_columns` of J; a flat ``index_select`` costs a third of a batched
+    ``gather`` on CPU)."""
     return v.reshape(-1).index_select(0, col).view(J.shape)
 
 
@@ -154,9 +155,9 @@ def candidate_positive_topk(X: Tensor, J: Tensor, k: int | None, m: int,
     columns (~``n``) are sorted, by column, value, then token (a token holds an expert in
     one real slot; padded slots are never positive): fp32, one sort of the integer key
     ``(column, the value's bits, token)``, order-preserving for non-negative floats; else
-    three stable sorts. Each column then drops its first ``e``. Runs every evaluation of the Newton, so it is
-    written for few operations: one ``nonzero``, flat ``index_select``s, no boolean
-    indexing."""
+    three stable sorts. Each column then drops its first ``e``. Runs at every evaluation
+    of the Newton, so it is written for few operations: one ``nonzero`` over the
+    candidates, flat ``index_select``s, dropped entries zeroed in place."""
     Xp = X.clamp_min(0)
     W = Xp.sign()
     col = batch_columns(J, m) if col is None else col
@@ -245,9 +246,10 @@ def candidate_newton(S: Tensor, a: Tensor, b: Tensor, x0: list[Tensor], J: Tenso
         it, nevals = it + its, nevals + nev
         stalled = torch.where(frozen, stalled, st)
         x = xs
-        # one dense pass: a positive X outside the candidates means the set was too small
-        # (X with the real candidate slots masked to −inf, then its row maxima; candidate
-        # entries are computed by the same operations, so X and Xc agree bit for bit)
+        # the check: a positive X outside the candidates means the set was too small (first
+        # round: a bound, exact rows where it does not clear; later: one dense pass, X with
+        # the real candidate slots masked to −inf, then its row maxima). Candidate entries
+        # are computed by the same operations, so X and Xc agree bit for bit
         obj, _, res, _, _ = evaluate(x)
         if rest is not None and expansions == 0:
             missed = _missed_outside(S, x, x0[1], J, rest)
