@@ -46,7 +46,7 @@ class SparsePlan:
     def dense(self) -> Tensor:
         out = torch.zeros((*self.values.shape[:-1], self.num_experts), dtype=self.values.dtype,
                           device=self.values.device)
-        return out.scatter_add_(-1, self.experts, self.values)  # padded slots add 0
+        return out.scatter_add_(-1, self.experts, self.values)  # padded slots add 0 (and may repeat an expert)
 
 
 @dataclass
@@ -131,7 +131,10 @@ def _setup(cost, scores, a, b, comm, dtype, check_finite=True, negate=True):
     that reads them as such (no negated copy)."""
     if (cost is None) == (scores is None):
         raise ValueError("pass exactly one of cost or scores")
-    C = (-scores if cost is None and negate else scores if cost is None else cost).detach()
+    if cost is not None:
+        C = cost.detach()
+    else:
+        C = -scores.detach() if negate else scores.detach()
     if C.dim() < 2:
         raise ValueError(f"cost must have shape [..., n, m], got {tuple(C.shape)}")
     dt = dtype or (torch.float64 if C.dtype == torch.float64 else torch.float32)

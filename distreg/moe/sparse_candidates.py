@@ -37,6 +37,7 @@ import math
 import torch
 from torch import Tensor
 
+from distreg.moe.ot_core import SparsePlan
 from distreg.moe.sparse_newton import _newton_dual_ascent
 
 
@@ -124,8 +125,7 @@ def column_sums(V: Tensor, J: Tensor, m: int, col: Tensor | None = None) -> Tens
 def densify(V: Tensor, J: Tensor, m: int) -> Tensor:
     """``[..., n, m]`` matrix with the slot-major candidate values ``V [..., c, n]`` at
     ``J`` and zeros elsewhere."""
-    out = torch.zeros((*V.shape[:-2], V.shape[-1], m), dtype=V.dtype, device=V.device)
-    return out.scatter_add_(-1, J.mT, V.mT)  # padded slots hold 0 and may repeat an expert
+    return SparsePlan(V.mT, J.mT, m).dense()
 
 
 def batch_columns(J: Tensor, m: int) -> Tensor:

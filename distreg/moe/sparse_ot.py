@@ -144,10 +144,10 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
     """:func:`sparse_ot_plan`'s body (run under inference mode)."""
     # the candidate Newton reads routers' scores as −C itself: no negated [n, m] copy
     # (C = −S is formed below only for the other paths)
-    C, a, b, scope = _setup(cost, scores, a, b, comm, dtype, negate=cost is not None)
-    S = C if cost is None else None  # then C holds the scores until negated
-    n, m = C.shape[-2:]
-    batch_shape, cdtype = C.shape[:-2], C.dtype
+    given, a, b, scope = _setup(cost, scores, a, b, comm, dtype, negate=False)  # the cost, or the scores
+    C, S = (given, None) if cost is not None else (None, given)  # S = −C: negated below if needed
+    n, m = given.shape[-2:]
+    batch_shape, cdtype = given.shape[:-2], given.dtype
     N = scope.N
     if max_nz_col is not None and max_nz_col * m < N:
         raise ValueError(f"infeasible: max_nz_col·m = {max_nz_col * m} < {N} tokens (each needs an expert)")
@@ -209,10 +209,8 @@ def _solve(cost, a, b, scores, gamma, max_nz_col, max_nz_row, formulation, max_i
     # local scope with many experts: Newton on each token's candidate experts, verified on
     # the dense matrix (`sparse_candidates`); otherwise (and in global scope) dense Newton
     use_candidates = newton and not scope.glob and m > 2 * _CANDIDATES
-    if S is not None and use_candidates:
-        C = None  # formed only if the L-BFGS fallback needs the dense closures
-    elif S is not None:
-        C, S = -S, None
+    if S is not None and not use_candidates:  # the dense paths read C (the candidate
+        C, S = -S, None                        # path forms it only for the L-BFGS fallback)
     if formulation == "dual":
 
         def plan_of(x):
